@@ -1,0 +1,8 @@
+"""Networks by name: ``nlsr.models.create("dlsn", scale=2)``, ``nlsr.models.available()``."""
+
+from __future__ import annotations
+
+from nlsr.models import bicubic, csnln, dlsn, edsr, hspan, lcoan, nlsn, rcan  # noqa: F401  (registers)
+from nlsr.models.registry import available, create, describe, register
+
+__all__ = ["available", "create", "describe", "register"]

@@ -1,0 +1,73 @@
+"""Building blocks shared by the EDSR-family networks (names match the authors' state dicts)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: DIV2K RGB mean used by every released model of the family.
+RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+def default_conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> nn.Conv2d:
+    """'Same' convolution as used throughout EDSR-PyTorch."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+
+
+class MeanShift(nn.Conv2d):
+    """Frozen 1x1 conv adding ``sign * rgb_range * mean`` (identity weight), as released."""
+
+    def __init__(self, rgb_range: float = 1.0, sign: int = -1, mean: tuple[float, ...] = RGB_MEAN):
+        super().__init__(3, 3, kernel_size=1)
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.bias.copy_(sign * rgb_range * torch.tensor(mean))
+        for p in self.parameters():
+            p.requires_grad = False
+
+
+class ResBlock(nn.Module):
+    """conv-ReLU-conv, scaled by ``res_scale``, plus the input."""
+
+    def __init__(self, n_feats: int, kernel_size: int = 3, res_scale: float = 1.0, bias: bool = True):
+        super().__init__()
+        self.body = nn.Sequential(
+            default_conv(n_feats, n_feats, kernel_size, bias),
+            nn.ReLU(inplace=True),
+            default_conv(n_feats, n_feats, kernel_size, bias),
+        )
+        self.res_scale = res_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mul(self.res_scale) + x
+
+
+class Upsampler(nn.Sequential):
+    """Sub-pixel upsampler: log2(s) x [conv C->4C, shuffle 2] for powers of 2, or conv C->9C, shuffle 3."""
+
+    def __init__(self, scale: int, n_feats: int, bias: bool = True):
+        layers: list[nn.Module] = []
+        if scale & (scale - 1) == 0:
+            for _ in range(int(math.log2(scale))):
+                layers += [default_conv(n_feats, 4 * n_feats, 3, bias), nn.PixelShuffle(2)]
+        elif scale == 3:
+            layers += [default_conv(n_feats, 9 * n_feats, 3, bias), nn.PixelShuffle(3)]
+        else:
+            raise ValueError(f"scale must be 1, 2, 3, 4 or 8, got {scale}")
+        super().__init__(*layers)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, min_size: int = 1) -> tuple[torch.Tensor, int, int]:
+    """Reflect-pad (replicate where too small) the bottom/right so H, W are multiples of
+    ``multiple`` and at least ``min_size``; returns the padded tensor and the original H, W."""
+    h, w = x.shape[-2:]
+    th = max(math.ceil(h / multiple) * multiple, math.ceil(min_size / multiple) * multiple)
+    tw = max(math.ceil(w / multiple) * multiple, math.ceil(min_size / multiple) * multiple)
+    ph, pw = th - h, tw - w
+    if ph == 0 and pw == 0:
+        return x, h, w
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), h, w

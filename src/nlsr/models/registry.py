@@ -1,0 +1,52 @@
+"""Registry of networks: create any model by name, as timm's ``create_model`` does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register(name: str, description: str = "") -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Class or factory decorator: make ``create(name, scale, **options)`` build it."""
+
+    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        _MODELS[name] = factory
+        doc = (factory.__doc__ or "").strip().splitlines()
+        _DESCRIPTIONS[name] = description or (doc[0] if doc else "")
+        return factory
+
+    return wrap
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`create`, sorted."""
+    return sorted(_MODELS)
+
+
+def describe(name: str) -> str:
+    """One-line description of a registered model."""
+    return _DESCRIPTIONS[_check(name)]
+
+
+def _check(name: str) -> str:
+    if name not in _MODELS:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(available())}")
+    return name
+
+
+def create(name: str, scale: int = 2, **options: Any) -> nn.Module:
+    """Build model ``name`` for upscaling factor ``scale``; ``options`` override its defaults.
+
+    The returned module carries ``nlsr_config = {"arch", "scale", "options"}`` so that it can be
+    saved in nlsr's own format and rebuilt identically.
+    """
+    model = _MODELS[_check(name)](scale=scale, **options)
+    model.nlsr_config = {"arch": name, "scale": scale, "options": dict(options)}
+    return model

@@ -1,0 +1,36 @@
+"""Shared test configuration: where ``../shared`` is, and small determinism settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+#: The shared research material (official fixtures, datasets); override with NLSR_SHARED.
+SHARED = Path(os.environ.get("NLSR_SHARED", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures" / "official"
+BENCHMARK = SHARED / "datasets" / "benchmark"
+TRAIN_DATA = SHARED / "datasets" / "train"
+REFERENCE = SHARED / "datasets" / "reference"
+
+
+def require(path: Path) -> Path:
+    """Skip the calling test, saying what is missing, unless ``path`` exists."""
+    if not path.exists():
+        pytest.skip(f"needs {path} (the shared research material, not part of the repo)")
+    return path
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return require(FIXTURES)
+
+
+@pytest.fixture
+def benchmark_dir() -> Path:
+    return require(BENCHMARK)

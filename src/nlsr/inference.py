@@ -1,1 +1,427 @@
-"""(being written)"""
+"""Run a super-resolution network on an image: whole, chopped as the authors did, in seamless
+tiles of bounded memory, and with the x8 self-ensemble.
+
+Tensors are ``(N, 3, H, W)`` float in ``[0, 1]``; :func:`forward` rescales to the model's
+``rgb_range`` itself. Arrays are ``HxWx3`` uint8 / uint16.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from itertools import product
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nlsr.io import Image
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
+
+__all__ = ["forward", "select_device", "to_array", "to_tensor", "upscale"]
+
+#: LR pixels run in one batch of tiles (tiles bigger than this run one at a time).
+TILE_BATCH_PIXELS = 256 * 256
+#: Chop threshold for models without a ``chop_min_size`` attribute (EDSR's).
+DEFAULT_CHOP_MIN_SIZE = 160_000
+
+_INT_MAX = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
+
+
+def select_device(device: str | torch.device | None = None) -> torch.device:
+    """The torch device to run on: ``device`` if given and usable, else cuda > mps > cpu."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r}: not a device name ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device {device!r}: Apple MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: unsupported device type (use cpu, cuda or mps)")
+    return dev
+
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8/uint16 array -> (1, 3, H, W) float32 tensor in [0, 1] (v / 255 or v / 65535)."""
+    if not isinstance(pixels, np.ndarray) or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(
+            f"to_tensor: expected an HxWx3 array, got {getattr(pixels, 'shape', pixels)}"
+        )
+    if pixels.dtype not in _INT_MAX:
+        raise ValueError(f"to_tensor: expected uint8 or uint16 pixels, got {pixels.dtype}")
+    scaled = pixels.astype(np.float32) / np.float32(_INT_MAX[pixels.dtype])
+    return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1))).unsqueeze(0)
+
+
+def to_array(t: torch.Tensor, dtype: DTypeLike = np.uint8) -> np.ndarray:
+    """(1, 3, H, W) or (3, H, W) tensor in [0, 1] -> HxWx3 array: clamped, scaled to the dtype's
+    maximum and rounded (half to even, as the authors' ``quantize``)."""
+    dt = np.dtype(dtype)
+    if dt not in _INT_MAX:
+        raise ValueError(f"to_array: dtype must be uint8 or uint16, got {dt}")
+    if t.dim() == 4:
+        if t.shape[0] != 1:
+            raise ValueError(f"to_array: expected a single image, got a batch of {t.shape[0]}")
+        t = t[0]
+    if t.dim() != 3:
+        raise ValueError(f"to_array: expected (1, C, H, W) or (C, H, W), got {tuple(t.shape)}")
+    q = t.detach().to("cpu", torch.float32).clamp(0, 1).mul(_INT_MAX[dt]).round()
+    return q.permute(1, 2, 0).numpy().astype(dt)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+
+def forward(
+    model: nn.Module,
+    lr: torch.Tensor,
+    *,
+    tile: int | None = None,
+    overlap: int = 16,
+    chop: bool = False,
+    chop_min_size: int | None = None,
+    chop_shave: int = 10,
+    self_ensemble: bool = False,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Super-resolve ``lr`` (N, C, H, W) in [0, 1] -> float32 (N, C, sH, sW), not clamped, on
+    ``lr``'s device (the model runs on its own device, in eval mode, under inference_mode).
+
+    Modes: the whole image; ``chop``: the authors' ``forward_chop`` (four overlapping quadrants,
+    recursing while a quadrant has ``chop_min_size`` pixels or more, pasted without blending);
+    ``tile``: overlapping ``tile`` x ``tile`` tiles blended with a raised-cosine window over the
+    ``overlap``, memory bounded by the output plus a batch of tiles. ``self_ensemble`` averages
+    the 8 flip/transpose variants in float (around chop as the authors did; per tile with tiles).
+    """
+    if lr.dim() != 4:
+        raise ValueError(f"forward: expected an (N, C, H, W) tensor, got shape {tuple(lr.shape)}")
+    if tile is not None and chop:
+        raise ValueError("tile and chop are alternatives: give one of them")
+    if tile is not None and tile < 1:
+        raise ValueError(f"tile must be a positive number of pixels, got {tile}")
+    if tile is not None and not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile) = [0, {tile}), got {overlap}")
+    if chop_shave < 1:
+        raise ValueError(f"chop_shave must be at least 1 pixel, got {chop_shave}")
+    scale = getattr(model, "scale", None)
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"model {type(model).__name__} has no integer 'scale' attribute")
+    min_size = chop_min_size
+    if min_size is None:
+        min_size = getattr(model, "chop_min_size", DEFAULT_CHOP_MIN_SIZE)
+    run = _runner(model, scale)
+    variants = range(8) if self_ensemble else range(1)
+    h, w = lr.shape[-2:]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if tile is not None:
+                rows, cols = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+                with _bar(len(rows) * len(cols), progress, "tiles") as bar:
+                    return _forward_tiles(run, lr, scale, tile, overlap, variants, bar)
+            pieces = _chop_leaves(h, w, chop_shave, min_size) if chop else 1
+            with _bar(pieces * len(variants), progress, "pieces") as bar:
+                total: torch.Tensor | None = None
+                for k in variants:
+                    x = _transform(lr, k)
+                    if chop:
+                        y = _forward_chop(run, x, scale, chop_shave, min_size, bar)
+                    else:
+                        y = run(x)
+                        bar.update(1)
+                    y = _inverse(y, k).to(lr.device)
+                    total = y if total is None else total.add_(y)
+                assert total is not None
+                return total.div_(len(variants)) if self_ensemble else total
+    finally:
+        model.train(was_training)
+
+
+def _runner(model: nn.Module, scale: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x in [0, 1] (any device) -> float32 model output in [0, 1] on the model's device."""
+    tensors = [*model.parameters(), *model.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    floats = [t.dtype for t in tensors if t.is_floating_point()]
+    dtype = floats[0] if floats else torch.float32
+    rgb_range = float(getattr(model, "rgb_range", 1.0))
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device=device, dtype=dtype)
+        y = model(x * rgb_range if rgb_range != 1 else x).float()
+        if rgb_range != 1:
+            y = y / rgb_range
+        expected = (x.shape[0], scale * x.shape[2], scale * x.shape[3])
+        if (y.shape[0], y.shape[2], y.shape[3]) != expected:
+            raise ValueError(
+                f"model {type(model).__name__} returned shape {tuple(y.shape)} for input "
+                f"{tuple(x.shape)}; expected {scale}x the input size"
+            )
+        return y
+
+    return run
+
+
+def _bar(total: int, progress: bool, unit: str) -> tqdm:
+    return tqdm(total=total, disable=not progress, unit=unit, desc="upscale", leave=False)
+
+
+def _transform(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Self-ensemble variant k (bit 0: flip W, bit 1: flip H, bit 2: transpose)."""
+    if k & 1:
+        x = x.flip(-1)
+    if k & 2:
+        x = x.flip(-2)
+    if k & 4:
+        x = x.transpose(-1, -2)
+    return x
+
+
+def _inverse(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Undo :func:`_transform` (the same operations in reverse order)."""
+    if k & 4:
+        y = y.transpose(-1, -2)
+    if k & 2:
+        y = y.flip(-2)
+    if k & 1:
+        y = y.flip(-1)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# chop (EDSR-PyTorch's forward_chop)
+
+
+def _chop_geometry(h: int, w: int, shave: int) -> tuple[int, int, int, int]:
+    """(h_half, w_half, h_size, w_size): quadrant split point and quadrant size."""
+    h_half, w_half = h // 2, w // 2
+    return h_half, w_half, min(h_half + shave, h), min(w_half + shave, w)
+
+
+def _chop_recurses(h: int, w: int, shave: int, min_size: int) -> bool:
+    _, _, h_size, w_size = _chop_geometry(h, w, shave)
+    # the second test stops the recursion on quadrants that no longer shrink (tiny min_size)
+    return h_size * w_size >= min_size and (h_size, w_size) != (h, w)
+
+
+def _chop_leaves(h: int, w: int, shave: int, min_size: int) -> int:
+    """How many quadrants the model runs on when chopping an h x w image."""
+    if not _chop_recurses(h, w, shave, min_size):
+        return 4
+    _, _, h_size, w_size = _chop_geometry(h, w, shave)
+    return 4 * _chop_leaves(h_size, w_size, shave, min_size)
+
+
+def _forward_chop(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    scale: int,
+    shave: int,
+    min_size: int,
+    bar: tqdm,
+) -> torch.Tensor:
+    """Four corner quadrants of (h//2 + shave, w//2 + shave), each run (or chopped again); the
+    top-left gives the output's top-left block, the others their far parts; no blending."""
+    h, w = x.shape[-2:]
+    h_half, w_half, h_size, w_size = _chop_geometry(h, w, shave)
+    quadrants = [
+        x[..., :h_size, :w_size],
+        x[..., :h_size, w - w_size :],
+        x[..., h - h_size :, :w_size],
+        x[..., h - h_size :, w - w_size :],
+    ]
+    outs = []
+    recurse = _chop_recurses(h, w, shave, min_size)
+    for q in quadrants:
+        if recurse:
+            outs.append(_forward_chop(run, q, scale, shave, min_size, bar))
+        else:
+            outs.append(run(q))
+            bar.update(1)
+    H, W = scale * h, scale * w
+    hh, wh, hs, ws = scale * h_half, scale * w_half, scale * h_size, scale * w_size
+    out = outs[0].new_empty((*outs[0].shape[:2], H, W))
+    out[..., :hh, :wh] = outs[0][..., :hh, :wh]
+    out[..., :hh, wh:] = outs[1][..., :hh, ws - (W - wh) :]
+    out[..., hh:, :wh] = outs[2][..., hs - (H - hh) :, :wh]
+    out[..., hh:, wh:] = outs[3][..., hs - (H - hh) :, ws - (W - wh) :]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# tiles
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles covering ``length`` with at least ``overlap`` shared pixels between
+    neighbours, spread evenly so that the first starts at 0 and the last ends at ``length``."""
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return [i * (length - tile) // (n - 1) for i in range(n)]
+
+
+def _ramp_weights(starts: list[int], size: int, length: int, ramp: int) -> list[torch.Tensor]:
+    """Per-tile 1-D weights along one axis (output pixels), normalised to sum to 1 everywhere.
+
+    Each tile's weight falls off smoothly (raised cosine over ``ramp`` pixels) towards every edge
+    that lies inside the image; the 2-D weight of a tile is the outer product of its row and
+    column weights, so the 2-D normaliser is the product of the 1-D ones."""
+    d = torch.arange(size, dtype=torch.float64)
+    fade = 0.5 - 0.5 * torch.cos(math.pi * ((d + 0.5) / ramp).clamp(max=1.0)) if ramp else None
+    weights = []
+    total = torch.zeros(length, dtype=torch.float64)
+    for s in starts:
+        wgt = torch.ones(size, dtype=torch.float64)
+        if fade is not None and s > 0:
+            wgt = wgt * fade
+        if fade is not None and s + size < length:
+            wgt = wgt * fade.flip(0)
+        total[s : s + size] += wgt
+        weights.append(wgt)
+    return [(wgt / total[s : s + size]).float() for s, wgt in zip(starts, weights, strict=True)]
+
+
+def _forward_tiles(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    lr: torch.Tensor,
+    scale: int,
+    tile: int,
+    overlap: int,
+    variants: range,
+    bar: tqdm,
+) -> torch.Tensor:
+    """Tiles in batches of up to TILE_BATCH_PIXELS LR pixels; each output tile is weighted and
+    added into the output on ``lr``'s device (no full-size weight map is kept)."""
+    n, _, h, w = lr.shape
+    th, tw = min(tile, h), min(tile, w)
+    rows, cols = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    wy = _ramp_weights([scale * r for r in rows], scale * th, scale * h, scale * overlap)
+    wx = _ramp_weights([scale * c for c in cols], scale * tw, scale * w, scale * overlap)
+    grid = list(product(range(len(rows)), range(len(cols))))
+    per_batch = max(1, TILE_BATCH_PIXELS // (th * tw * n))
+    out: torch.Tensor | None = None
+    for batch in _chunks(grid, per_batch):
+        x = torch.cat([lr[..., rows[i] : rows[i] + th, cols[j] : cols[j] + tw] for i, j in batch])
+        y = None
+        for k in variants:
+            yk = _inverse(run(_transform(x, k)), k)
+            y = yk if y is None else y.add_(yk)
+        assert y is not None
+        if len(variants) > 1:
+            y.div_(len(variants))
+        y = y.to(lr.device)
+        if out is None:
+            out = lr.new_zeros((n, y.shape[1], scale * h, scale * w), dtype=torch.float32)
+        for b, (i, j) in enumerate(batch):
+            r, c = scale * rows[i], scale * cols[j]
+            weight = (wy[i][:, None] * wx[j][None, :]).to(lr.device)
+            out[..., r : r + scale * th, c : c + scale * tw] += y[b * n : (b + 1) * n] * weight
+        bar.update(len(batch))
+    assert out is not None
+    return out
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# ----------------------------------------------------------------------------------------------
+# upscale
+
+
+def upscale(
+    model: nn.Module | str,
+    image: np.ndarray | Image,
+    *,
+    tile: int | None = None,
+    overlap: int = 16,
+    chop: bool = False,
+    self_ensemble: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    scale: int | None = None,
+) -> np.ndarray | Image:
+    """Super-resolve an image array (HxW, HxWx1 grey; HxWx2 grey+alpha; HxWx3; HxWx4 RGBA;
+    uint8 or uint16) or an :class:`~nlsr.io.Image`; returns the same kind, layout and dtype.
+
+    Grey images run as RGB and come back as the rounded mean of the output channels; alpha is
+    upscaled with MATLAB bicubic (:func:`nlsr.resize.imresize`). ``model`` may be a registered
+    name (built with ``nlsr.models.create(name, scale or 2)``; sensible for "bicubic"). With
+    ``device`` the model is moved there (``nn.Module.to``, in place); otherwise it runs where it
+    is (a model built from a name goes to :func:`select_device`)."""
+    if isinstance(model, str):
+        from nlsr.models import create
+
+        model = create(model, scale or 2).eval()
+        model.to(select_device(device))
+    else:
+        if scale is not None and scale != getattr(model, "scale", None):
+            raise ValueError(f"scale={scale} does not match the model's scale {model.scale}")
+        if device is not None:
+            model.to(select_device(device))
+    pixels, alpha, gray, layout = _split(image)
+    sr = forward(
+        model, to_tensor(pixels), tile=tile, overlap=overlap, chop=chop,
+        self_ensemble=self_ensemble, progress=progress,
+    )  # fmt: skip
+    dtype = pixels.dtype
+    if gray:
+        colour = np.repeat(to_array(sr.mean(dim=1, keepdim=True), dtype), 3, axis=2)
+    else:
+        colour = to_array(sr, dtype)
+    alpha_up = None
+    if alpha is not None:
+        from nlsr.resize import imresize
+
+        alpha_up = imresize(alpha, output_shape=colour.shape[:2])
+    if isinstance(image, Image):
+        return Image(colour, alpha_up, grayscale=gray, path=None)
+    return _join(colour, alpha_up, gray, layout)
+
+
+def _split(image: np.ndarray | Image) -> tuple[np.ndarray, np.ndarray | None, bool, int]:
+    """-> (HxWx3 colour, alpha or None, grayscale, array layout: 0 HxW, else channel count)."""
+    if isinstance(image, Image):
+        return image.pixels, image.alpha, image.grayscale, 3
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"upscale: expected an Image or a NumPy array, got {type(image).__name__}")
+    a = image[:, :, None] if image.ndim == 2 else image
+    if a.ndim != 3 or not 1 <= a.shape[2] <= 4 or a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"upscale: expected an HxW or HxWxC (C = 1..4) array, got {image.shape}")
+    if a.dtype not in _INT_MAX:
+        raise ValueError(f"upscale: expected uint8 or uint16 pixels, got {a.dtype}")
+    c = a.shape[2]
+    gray = c <= 2
+    colour = np.repeat(a[:, :, :1], 3, axis=2) if gray else a[:, :, :3]
+    alpha = a[:, :, c - 1] if c in (2, 4) else None
+    return colour, alpha, gray, 0 if image.ndim == 2 else c
+
+
+def _join(colour: np.ndarray, alpha: np.ndarray | None, gray: bool, layout: int) -> np.ndarray:
+    base = colour[:, :, :1] if gray else colour
+    if alpha is not None:
+        base = np.concatenate([base, alpha[:, :, None]], axis=2)
+    return base[:, :, 0] if layout == 0 else np.ascontiguousarray(base)

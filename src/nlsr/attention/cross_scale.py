@@ -1,1 +1,172 @@
-"""(being written)"""
+"""CSNLN's attention blocks (Mei et al., 2020): cross-scale non-local attention and the dense
+in-scale non-local attention used by its mutual projection.
+
+Unlike the other blocks of :mod:`nlsr.attention`, the cross-scale block **upsamples**:
+``create_attention("csna", C, scale=s)`` returns a module mapping ``(N, C, H, W)`` to
+``(N, C, s*H, s*W)``. Parameter names equal the released state-dict keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nlsr.attention import register_attention
+
+#: The released code divides the assembled cross-scale output by this constant.
+ASSEMBLY_DIVISOR = 6.0
+
+
+def _conv1x1_prelu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """1x1 conv with bias followed by a single-parameter PReLU (keys ``.0`` and ``.1``)."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.PReLU())
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(
+            f"attention option {name!r} must be an integer >= {minimum}, got {value!r}"
+        )
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad bottom/right to multiples of ``multiple`` (reflect; replicate where too small)."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def _same_pad(x: torch.Tensor, ksize: int, stride: int) -> torch.Tensor:
+    """Zero-pad as TensorFlow's 'SAME' so that ``ksize`` windows at ``stride`` cover every row and
+    column (extra row/column at the bottom/right), as the released patch extraction does."""
+    pads: list[int] = []
+    for size in (x.shape[-1], x.shape[-2]):
+        out = -(-size // stride)
+        total = max(0, (out - 1) * stride + ksize - size)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
+class InScaleNonLocalAttention(nn.Module):
+    """Dense in-scale non-local attention of CSNLN: ``softmax(theta(x)^T phi(x)) g(x)``, no skip.
+
+    theta, phi: 1x1 conv ``C -> C // reduction`` + PReLU; g: 1x1 conv ``C -> C`` + PReLU.
+    Memory is quadratic in ``H * W`` (the full score matrix is built, as released).
+    """
+
+    def __init__(self, channels: int, reduction: int = 2):
+        super().__init__()
+        _check_int("channels", channels, 1)
+        _check_int("reduction", reduction, 1)
+        if channels // reduction < 1:
+            raise ValueError(
+                f"attention option 'reduction' ({reduction}) exceeds channels ({channels})"
+            )
+        self.conv_match1 = _conv1x1_prelu(channels, channels // reduction)
+        self.conv_match2 = _conv1x1_prelu(channels, channels // reduction)
+        self.conv_assembly = _conv1x1_prelu(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        query = self.conv_match1(x).flatten(2).transpose(1, 2)  # N, HW, C'
+        key = self.conv_match2(x).flatten(2)  # N, C', HW
+        value = self.conv_assembly(x).flatten(2).transpose(1, 2)  # N, HW, C
+        attn = torch.softmax(torch.bmm(query, key), dim=2)
+        return torch.bmm(attn, value).transpose(1, 2).reshape(n, -1, h, w)
+
+
+@register_attention("csna")
+class CrossScaleAttention(nn.Module):
+    """Cross-scale non-local attention of CSNLN; maps ``(N, C, H, W) -> (N, C, s*H, s*W)``.
+
+    Queries: ``ksize`` x ``ksize`` patches of ``conv_match_1(x)``. Keys: ``ksize`` x ``ksize``
+    patches of ``conv_match_2(bilinear 1/s downscale of x)``, L2-normalised (norm floored at
+    ``escape_NaN`` = 1e-4). Values: ``(ksize*s)``-square patches of ``conv_assembly(x)`` at step
+    ``s``. Weights ``softmax(softmax_scale * q.k)`` over all keys (``average=False``: one-hot
+    argmax instead); each query pastes its weighted value patch into the ``s``-times larger output
+    (transposed convolution, stride ``s``) and the sum is divided by 6, all as released.
+
+    ``stride`` samples the key grid (and the value patches, at ``stride * s``) more sparsely; it is
+    1 in the release, whose code path for ``stride > 1`` would also stride the output, so here the
+    output stays ``s`` times the input. Any ``H, W >= 1``: the input is padded (reflect, or
+    replicate where too small) to multiples of ``s`` and the output cropped back to ``s*H, s*W``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        scale: int = 2,
+        reduction: int = 2,
+        ksize: int = 3,
+        stride: int = 1,
+        softmax_scale: float = 10.0,
+        average: bool = True,
+    ):
+        super().__init__()
+        _check_int("channels", channels, 1)
+        _check_int("scale", scale, 1)
+        _check_int("reduction", reduction, 1)
+        _check_int("ksize", ksize, 1)
+        _check_int("stride", stride, 1)
+        if ksize % 2 == 0:
+            raise ValueError(f"attention option 'ksize' must be odd, got {ksize}")
+        if channels // reduction < 1:
+            raise ValueError(
+                f"attention option 'reduction' ({reduction}) exceeds channels ({channels})"
+            )
+        self.scale = scale
+        self.ksize = ksize
+        self.stride = stride
+        self.softmax_scale = float(softmax_scale)
+        self.average = bool(average)
+        self.register_buffer("escape_NaN", torch.tensor([1e-4]))
+        self.conv_match_1 = _conv1x1_prelu(channels, channels // reduction)
+        self.conv_match_2 = _conv1x1_prelu(channels, channels // reduction)
+        self.conv_assembly = _conv1x1_prelu(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, k, t = self.scale, self.ksize, self.stride
+        h0, w0 = x.shape[-2:]
+        x = _pad_to_multiple(x, s)
+        n, c, h, w = x.shape
+        values_map = self.conv_assembly(x)
+        query = self.conv_match_1(x)
+        ref = F.interpolate(x, scale_factor=1.0 / s, mode="bilinear", align_corners=False)
+        ref = self.conv_match_2(ref)
+        cq = query.shape[1]
+
+        # Keys [N, L, C', k, k], L2-normalised per patch.
+        keys = F.unfold(_same_pad(ref, k, t), k, stride=t)
+        n_keys = keys.shape[-1]
+        keys = keys.view(n, cq, k, k, n_keys).permute(0, 4, 1, 2, 3)
+        norm = keys.pow(2).sum(dim=(2, 3, 4), keepdim=True).sqrt()
+        keys = keys / torch.maximum(norm, self.escape_NaN)
+        # Values [N, L, C, ks, ks]: the HR-sized patches matching each key.
+        kv = k * s
+        values = F.unfold(_same_pad(values_map, kv, t * s), kv, stride=t * s)
+        values = values.view(n, c, kv, kv, n_keys).permute(0, 4, 1, 2, 3)
+
+        # Scores [N, L, H, W]: correlation of every query patch with every key patch.
+        q_pad = _same_pad(query, k, 1)
+        scores = F.conv2d(
+            q_pad.reshape(1, n * cq, *q_pad.shape[-2:]),
+            keys.reshape(n * n_keys, cq, k, k),
+            groups=n,
+        ).view(n, n_keys, h, w)
+        attn = torch.softmax(scores * self.softmax_scale, dim=1)
+        if not self.average:
+            attn = (attn == attn.amax(dim=1, keepdim=True)).to(attn.dtype)
+
+        out = F.conv_transpose2d(
+            attn.reshape(1, n * n_keys, h, w),
+            values.reshape(n * n_keys, c, kv, kv),
+            stride=s,
+            padding=(k - 1) * s // 2,
+            groups=n,
+        ).view(n, c, s * h, s * w)
+        out = out / ASSEMBLY_DIVISOR
+        return out[..., : s * h0, : s * w0]

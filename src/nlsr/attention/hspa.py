@@ -1,1 +1,150 @@
-"""(being written)"""
+"""High-similarity-pass attention (HSPA, HSPAN): dense non-local attention with sparsemax.
+
+``theta = PReLU(conv1x1(x))``, ``phi = PReLU(conv1x1(x))`` (C -> C/reduction) and
+``g = PReLU(conv1x1(x))`` (C -> C); scores ``S = theta^T phi`` over all H*W keys (no scaling);
+weights ``P = sparsemax(S)`` row by row; output ``res_scale * P g + x``.
+
+Sparsemax (Martins & Astudillo, 2016), with ``z = s - max(s)`` sorted decreasingly::
+
+    k   = #{m : 1 + m z_(m) > sum_{i<=m} z_(i)}        tau = (sum_{i<=k} z_(i) - 1) / k
+    p   = max(z - tau, 0)
+
+The released code finds the sorted prefix with ``torch.topk(topk)`` and, for the rows whose
+support fills all ``topk`` slots, redoes the search with ``2 topk`` (then 4 topk, ... and a full
+sort once that reaches L), so ``topk`` speeds up the search without ever capping the support.
+:func:`sparsemax_threshold` reproduces exactly that. Rows are computed in blocks of queries
+(see :func:`nlsr.attention.nla.attend_blocked`), so memory is O(block x L), not O(L^2).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from nlsr.attention import register_attention
+from nlsr.attention.nla import (
+    attend_blocked,
+    check_block_size,
+    check_reduction,
+    conv1x1_prelu,
+    flatten_embeddings,
+)
+
+
+def sparsemax_threshold(z: Tensor, topk: int | None = None) -> tuple[Tensor, Tensor]:
+    """Threshold ``tau`` and support size over the last axis of ``z`` (shapes ``(..., 1)``).
+
+    ``topk`` (None: full sort) only accelerates the search: rows whose support reaches the
+    number of sorted entries are redone with twice as many, up to a full sort, as released.
+    """
+    length = z.shape[-1]
+    rows = z.reshape(-1, length)
+    tau = rows.new_empty(rows.shape[0], 1)
+    size = torch.empty(rows.shape[0], 1, dtype=torch.long, device=z.device)
+    pending, index = rows, None
+    k = length if topk is None else topk
+    while True:
+        if k >= length:
+            top = torch.sort(pending, dim=-1, descending=True).values
+        else:
+            top = torch.topk(pending, k, dim=-1).values
+        cumsum = top.cumsum(dim=-1) - 1
+        rho = torch.arange(1, top.shape[-1] + 1, device=z.device, dtype=z.dtype)
+        support = (rho * top > cumsum).sum(dim=-1, keepdim=True)
+        threshold = cumsum.gather(-1, support - 1) / support.to(z.dtype)
+        if index is None:
+            tau, size = threshold, support
+        else:
+            tau[index], size[index] = threshold, support
+        if k >= length:
+            break
+        unsolved = (support == k).squeeze(-1)
+        if not bool(unsolved.any()):
+            break
+        pending = pending[unsolved]
+        index = unsolved.nonzero().squeeze(-1) if index is None else index[unsolved]
+        k *= 2
+    shape = (*z.shape[:-1], 1)
+    return tau.reshape(shape), size.reshape(shape)
+
+
+def sparsemax_rows(scores: Tensor, topk: int | None = None) -> Tensor:
+    """Sparsemax over the last axis (no autograd; see :func:`sparsemax` for that)."""
+    z = scores - scores.max(dim=-1, keepdim=True).values
+    tau, _ = sparsemax_threshold(z, topk)
+    return torch.clamp(z - tau, min=0)
+
+
+def sparsemax_rows_backward(weights: Tensor, grad: Tensor) -> Tensor:
+    """Sparsemax Jacobian-vector product over the last axis: on the support ``p > 0`` it is
+    ``g - mean_support(g)``, elsewhere 0."""
+    support = weights > 0
+    masked = torch.where(support, grad, torch.zeros_like(grad))
+    mean = masked.sum(dim=-1, keepdim=True) / support.sum(dim=-1, keepdim=True).to(grad.dtype)
+    return torch.where(support, masked - mean, masked)
+
+
+class SparsemaxFunction(torch.autograd.Function):
+    """Sparsemax over the last axis with its exact Jacobian as the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: Tensor, topk: int | None) -> Tensor:
+        weights = sparsemax_rows(scores, topk)
+        ctx.save_for_backward(weights)
+        return weights
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (weights,) = ctx.saved_tensors
+        return sparsemax_rows_backward(weights, grad), None
+
+
+def sparsemax(x: Tensor, dim: int = -1, topk: int | None = None) -> Tensor:
+    """Differentiable sparsemax of ``x`` along ``dim`` (Euclidean projection onto the simplex)."""
+    moved = x.movedim(dim, -1)
+    return SparsemaxFunction.apply(moved, topk).movedim(-1, dim)
+
+
+@register_attention("hspa")
+class HSPA(nn.Module):
+    """High-similarity-pass attention: ``res_scale * sparsemax(theta phi^T) g + x`` over all
+    positions, key names as released (``conv_match1/2``, ``conv_assembly``)."""
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 2,
+        topk: int | None = 128,
+        res_scale: float = 0.1,
+        block_size: int | None = None,
+    ):
+        super().__init__()
+        inner = check_reduction(channels, reduction, "hspa")
+        if topk is not None and (not isinstance(topk, int) or topk < 1):
+            raise ValueError(f"hspa: option 'topk' must be a positive integer or None, got {topk!r}")
+        self.topk = topk
+        self.res_scale = res_scale
+        self.block_size = check_block_size(block_size, "hspa")
+        self.conv_match1 = conv1x1_prelu(channels, inner)
+        self.conv_match2 = conv1x1_prelu(channels, inner)
+        self.conv_assembly = conv1x1_prelu(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        theta, phi, g = flatten_embeddings(
+            self.conv_match1(x), self.conv_match2(x), self.conv_assembly(x)
+        )
+        y = attend_blocked(
+            theta,
+            phi,
+            g,
+            partial(sparsemax_rows, topk=self.topk),
+            sparsemax_rows_backward,
+            self.block_size,
+        )
+        return self.res_scale * y.transpose(1, 2).reshape(n, c, h, w) + x

@@ -1,1 +1,170 @@
-"""(being written)"""
+"""Dense non-local attention (embedded Gaussian), computed in query blocks.
+
+The block is the form used throughout the EDSR-derived SR code bases (CSNLN, NLSN, HSPAN):
+``theta = PReLU(conv1x1(x))`` and ``phi = PReLU(conv1x1(x))`` map C -> C/reduction,
+``g = PReLU(conv1x1(x))`` maps C -> C, and every position attends to all H*W positions::
+
+    y_i = sum_j softmax_j(theta_i . phi_j) g_j          (no 1/sqrt(d) scaling)
+    out = res_scale * y + x
+
+so the output conv of Wang et al.'s block is replaced by the residual sum with ``res_scale``.
+Memory is O(block x L) for L = H*W in the forward *and* the backward pass: the L x L weight
+matrix is never materialised; each query block's rows are recomputed in the backward pass.
+:func:`attend_blocked` is shared with the sparsemax attention of HSPAN (``hspa.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from nlsr.attention import register_attention
+
+#: Score elements (N x block x L) computed at once when ``block_size`` is automatic: 2**23
+#: float32 values are 32 MiB per temporary, a few hundred MiB peak for any image size.
+BLOCK_ELEMENTS = 2**23
+
+#: Row normaliser: scores (..., B, L) -> weights of the same shape (no autograd needed).
+RowForward = Callable[[Tensor], Tensor]
+#: Its vector-Jacobian product: (weights, grad of weights) -> grad of scores.
+RowBackward = Callable[[Tensor, Tensor], Tensor]
+
+
+def softmax_rows(scores: Tensor) -> Tensor:
+    """Softmax over the last axis (the keys)."""
+    return F.softmax(scores, dim=-1)
+
+
+def softmax_rows_backward(weights: Tensor, grad: Tensor) -> Tensor:
+    """Softmax Jacobian-vector product over the last axis: p * (g - <g, p>)."""
+    return weights * (grad - (grad * weights).sum(dim=-1, keepdim=True))
+
+
+def auto_block_size(batch: int, length: int, block_size: int | None = None) -> int:
+    """Queries per block: ``block_size`` if given, else as many as fit in :data:`BLOCK_ELEMENTS`."""
+    if block_size is not None:
+        return max(1, min(block_size, length))
+    return max(1, min(length, BLOCK_ELEMENTS // max(1, batch * length)))
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """out[:, i] = normalize(q[:, i] @ k^T) @ v, one block of query rows at a time.
+
+    Only q, k, v are saved; the backward pass recomputes each block's weights, so training
+    memory is O(block x L) too.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        row_forward: RowForward,
+        row_backward: RowBackward,
+        block: int,
+    ) -> Tensor:
+        ctx.save_for_backward(query, key, value)
+        ctx.row_forward, ctx.row_backward, ctx.block = row_forward, row_backward, block
+        length = query.shape[1]
+        out = value.new_empty(value.shape[0], length, value.shape[2])
+        key_t = key.transpose(1, 2)
+        for start in range(0, length, block):
+            weights = row_forward(torch.matmul(query[:, start : start + block], key_t))
+            out[:, start : start + block] = torch.matmul(weights, value)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        query, key, value = ctx.saved_tensors
+        length, block = query.shape[1], ctx.block
+        grad_q = torch.empty_like(query)
+        grad_k = torch.zeros_like(key)
+        grad_v = torch.zeros_like(value)
+        key_t, value_t = key.transpose(1, 2), value.transpose(1, 2)
+        for start in range(0, length, block):
+            rows = slice(start, start + block)
+            q, go = query[:, rows], grad_out[:, rows]
+            weights = ctx.row_forward(torch.matmul(q, key_t))
+            grad_v += torch.matmul(weights.transpose(1, 2), go)
+            grad_scores = ctx.row_backward(weights, torch.matmul(go, value_t))
+            grad_q[:, rows] = torch.matmul(grad_scores, key)
+            grad_k += torch.matmul(grad_scores.transpose(1, 2), q)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def attend_blocked(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    row_forward: RowForward = softmax_rows,
+    row_backward: RowBackward = softmax_rows_backward,
+    block_size: int | None = None,
+) -> Tensor:
+    """``row_forward(query @ key^T) @ value`` for ``(N, L, d)``, ``(N, L, d)``, ``(N, L, C)``,
+    computed ``block_size`` query rows at a time (automatic when None), differentiable."""
+    block = auto_block_size(query.shape[0], key.shape[1], block_size)
+    return _BlockedAttention.apply(query, key, value, row_forward, row_backward, block)
+
+
+def conv1x1_prelu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """conv1x1 + PReLU, named ``.0`` / ``.1`` as the authors' ``BasicBlock``."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.PReLU())
+
+
+def check_reduction(channels: int, reduction: int, name: str) -> int:
+    """Validate ``reduction`` for a block over ``channels``; return the embedding width."""
+    if not isinstance(reduction, int) or reduction < 1 or channels // reduction < 1:
+        raise ValueError(
+            f"{name}: option 'reduction' must be an integer in [1, {channels}] for "
+            f"{channels} channels, got {reduction!r}"
+        )
+    return channels // reduction
+
+
+def check_block_size(block_size: int | None, name: str) -> int | None:
+    """Validate the ``block_size`` option (positive integer or None)."""
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"{name}: option 'block_size' must be a positive integer, got {block_size!r}")
+    return block_size
+
+
+def flatten_embeddings(
+    theta: Tensor, phi: Tensor, g: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, d, H, W) x2 and (N, C, H, W) -> (N, L, d) x2 and (N, L, C) position-major views."""
+    return tuple(t.flatten(2).transpose(1, 2) for t in (theta, phi, g))  # type: ignore[return-value]
+
+
+@register_attention("nla")
+class NonLocalAttention(nn.Module):
+    """Dense embedded-Gaussian non-local attention: ``res_scale * softmax(theta phi^T) g + x``."""
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 2,
+        res_scale: float = 1.0,
+        block_size: int | None = None,
+    ):
+        super().__init__()
+        inner = check_reduction(channels, reduction, "nla")
+        self.block_size = check_block_size(block_size, "nla")
+        self.res_scale = res_scale
+        self.conv_match1 = conv1x1_prelu(channels, inner)
+        self.conv_match2 = conv1x1_prelu(channels, inner)
+        self.conv_assembly = conv1x1_prelu(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        theta, phi, g = flatten_embeddings(
+            self.conv_match1(x), self.conv_match2(x), self.conv_assembly(x)
+        )
+        y = attend_blocked(theta, phi, g, block_size=self.block_size)
+        return self.res_scale * y.transpose(1, 2).reshape(n, c, h, w) + x

@@ -1,1 +1,87 @@
-"""(being written)"""
+"""NLSA: non-local sparse attention with spherical LSH (Mei et al., NLSN, CVPR 2021).
+
+Positions are hashed with random rotations (code ``argmax([xR, -xR])``), sorted by code, and each
+chunk of 144 sorted positions attends to itself and its two neighbour chunks; rounds are merged by
+their log-sum-exp (see :mod:`nlsr.attention.buckets`). Parameter names equal the released code's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from nlsr.attention import register_attention
+from nlsr.attention.buckets import bucket_attention, bucket_count
+
+
+@register_attention("nlsa")
+class NonLocalSparseAttention(nn.Module):
+    """NLSN's attention block: ``res_scale * LSH-bucketed attention(x) + x``.
+
+    Random Gaussian rotations ``[d, n_hashes, n_buckets // 2]`` are drawn at every forward (from
+    ``self.generator`` if set, else the global RNG, exactly as the release draws them) unless
+    ``self.projections`` holds a fixed tensor of that layout (``projections.pt`` of the official
+    fixtures). For ``H * W < chunk_size`` (where the release crashes) two buckets are used and the
+    whole input forms one chunk, i.e. dense attention.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        n_hashes: int = 4,
+        reduction: int = 4,
+        chunk_size: int = 144,
+        res_scale: float = 0.1,
+        k_size: int = 3,
+    ):
+        super().__init__()
+        if channels % reduction or channels < reduction:
+            raise ValueError(
+                f"nlsa: channels ({channels}) must be a multiple of reduction ({reduction})"
+            )
+        if n_hashes < 1 or chunk_size < 1:
+            raise ValueError(
+                f"nlsa: n_hashes and chunk_size must be >= 1, got {n_hashes}, {chunk_size}"
+            )
+        self.chunk_size = chunk_size
+        self.n_hashes = n_hashes
+        self.reduction = reduction
+        self.res_scale = res_scale
+        d = channels // reduction
+        self.conv_match = nn.Sequential(nn.Conv2d(channels, d, k_size, padding=k_size // 2))
+        self.conv_assembly = nn.Sequential(nn.Conv2d(channels, channels, 1))
+        self.projections: Tensor | None = None
+        self.generator: torch.Generator | None = None
+
+    def draw_projections(self, n_buckets: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Random rotations ``[d, n_hashes, n_buckets // 2]``, drawn as the release's ``randn``."""
+        d = self.conv_match[0].out_channels
+        shape = (1, d, self.n_hashes, n_buckets // 2)
+        gen = self.generator
+        draw_device = gen.device if gen is not None else device
+        return torch.randn(shape, generator=gen, device=draw_device, dtype=dtype)[0].to(device)
+
+    def hash_codes(self, x: Tensor, n_buckets: int) -> Tensor:
+        """Bucket codes ``[N, n_hashes, L]`` of embeddings ``x`` ``[N, L, d]``."""
+        rotations = self.projections
+        expected = (x.shape[-1], self.n_hashes, n_buckets // 2)
+        if rotations is None:
+            rotations = self.draw_projections(n_buckets, x.device, x.dtype)
+        elif tuple(rotations.shape) != expected:
+            raise ValueError(
+                f"nlsa projections have shape {tuple(rotations.shape)}, expected {expected} "
+                f"[d, n_hashes, n_buckets//2] for {x.shape[1]} positions"
+            )
+        rotations = rotations.to(device=x.device, dtype=x.dtype)
+        rotations = rotations.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
+        rotated = torch.einsum("btf,bfhi->bhti", x, rotations)
+        return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+
+    def forward(self, input: Tensor) -> Tensor:
+        n, _, h, w = input.shape
+        x = self.conv_match(input).flatten(2).transpose(1, 2)  # [N, L, d]
+        y = self.conv_assembly(input).flatten(2).transpose(1, 2)  # [N, L, C]
+        n_buckets = bucket_count(h * w, self.chunk_size, minimum=2)
+        codes = self.hash_codes(x.detach(), n_buckets)
+        out = bucket_attention(x, y, codes, self.chunk_size)
+        return out.transpose(1, 2).reshape(n, -1, h, w) * self.res_scale + input

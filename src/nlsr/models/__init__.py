@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from nlsr.models import bicubic, csnln, dlsn, edsr, hspan, lcoan, nlsn, rcan  # noqa: F401  (registers)
 from nlsr.models.registry import available, create, describe, register
 
 __all__ = ["available", "create", "describe", "register"]

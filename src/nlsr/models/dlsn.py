@@ -1,1 +1,85 @@
-"""(being written)"""
+"""DLSN (Su et al., 2023): residual groups of local blocks + global learnable attention (GLA)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nlsr.attention.gla import GlobalLearnableAttention
+from nlsr.models.common import MeanShift, ResBlock, Upsampler, default_conv
+from nlsr.models.registry import register
+
+
+class GLAFFM(nn.Module):
+    """One group: ``n_resblocks`` local blocks (LFFB, unscaled residual) -> GLA -> conv3x3,
+    output ``res_scale * body(x) + x`` (the release applies ``res_scale`` only here)."""
+
+    def __init__(
+        self,
+        n_feats: int,
+        n_resblocks: int,
+        reduction: int,
+        chunk_size: int,
+        n_hashes: int,
+        res_scale: float,
+        super_bit: bool = False,
+    ):
+        super().__init__()
+        body: list[nn.Module] = [ResBlock(n_feats, 3, 1.0) for _ in range(n_resblocks)]
+        body.append(
+            GlobalLearnableAttention(
+                n_feats,
+                n_hashes=n_hashes,
+                reduction=reduction,
+                chunk_size=chunk_size,
+                res_scale=1.0,
+                super_bit=super_bit,
+            )
+        )
+        body.append(default_conv(n_feats, n_feats, 3))
+        self.body = nn.Sequential(*body)
+        self.res_scale = res_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mul(self.res_scale) + x
+
+
+@register("dlsn")
+class DLSN(nn.Module):
+    """DLSN: ``n_resgroups`` GLAFFM groups, a trunk conv and a sub-pixel tail; key names equal the
+    released state dict, including the unused scalar parameter ``a``."""
+
+    def __init__(
+        self,
+        scale: int = 2,
+        n_resgroups: int = 10,
+        n_resblocks: int = 4,
+        n_feats: int = 256,
+        reduction: int = 4,
+        chunk_size: int = 128,
+        n_hashes: int = 3,
+        res_scale: float = 0.1,
+        rgb_range: float = 1.0,
+        n_colors: int = 3,
+        super_bit: bool = False,
+    ):
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(1))
+        self.scale = scale
+        self.rgb_range = rgb_range
+        self.chop_min_size = 120000
+        self.sub_mean = MeanShift(rgb_range, -1)
+        self.add_mean = MeanShift(rgb_range, +1)
+        self.head = nn.Sequential(default_conv(n_colors, n_feats, 3))
+        body: list[nn.Module] = [
+            GLAFFM(n_feats, n_resblocks, reduction, chunk_size, n_hashes, res_scale, super_bit)
+            for _ in range(n_resgroups)
+        ]
+        body.append(default_conv(n_feats, n_feats, 3))
+        self.body = nn.Sequential(*body)
+        self.tail = nn.Sequential(Upsampler(scale, n_feats), default_conv(n_feats, n_colors, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.sub_mean(x))
+        x = self.body(x) + x
+        return self.add_mean(self.tail(x))

@@ -1,1 +1,127 @@
-"""(being written)"""
+"""RCAN (Zhang et al., 2018): residual groups of residual channel-attention blocks.
+
+Parameter names equal the released ``RCAN_TrainCode`` state dicts, so the authors' checkpoints
+load strictly. Released RCAN weights were trained with ``rgb_range=255``; ``nlsr.load`` reads the
+value from ``sub_mean.bias``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from nlsr.attention import create_attention
+from nlsr.models.common import MeanShift, Upsampler, default_conv
+from nlsr.models.registry import register
+
+
+class CALayer(nn.Module):
+    """Channel attention (squeeze-and-excitation): global average pool, 1x1 conv bottleneck,
+    sigmoid gate multiplied onto the input."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        if channels // reduction < 1:
+            raise ValueError(
+                f"rcan: reduction={reduction} leaves no channels in the attention bottleneck "
+                f"for n_feats={channels}"
+            )
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.conv_du = nn.Sequential(
+            nn.Conv2d(channels, channels // reduction, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels // reduction, channels, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.conv_du(self.avg_pool(x))
+
+
+class RCAB(nn.Module):
+    """Residual channel-attention block: conv-ReLU-conv-CA plus the input (no residual scaling,
+    as in the released code)."""
+
+    def __init__(self, n_feats: int, reduction: int, kernel_size: int = 3):
+        super().__init__()
+        self.body = nn.Sequential(
+            default_conv(n_feats, n_feats, kernel_size),
+            nn.ReLU(inplace=True),
+            default_conv(n_feats, n_feats, kernel_size),
+            CALayer(n_feats, reduction),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + x
+
+
+class ResidualGroup(nn.Module):
+    """``n_resblocks`` RCABs and a conv, with a skip connection around them."""
+
+    def __init__(self, n_feats: int, reduction: int, n_resblocks: int, kernel_size: int = 3):
+        super().__init__()
+        blocks: list[nn.Module] = [
+            RCAB(n_feats, reduction, kernel_size) for _ in range(n_resblocks)
+        ]
+        blocks.append(default_conv(n_feats, n_feats, kernel_size))
+        self.body = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + x
+
+
+@register(
+    "rcan", "RCAN: residual groups of channel-attention blocks (optionally with an attention block)"
+)
+class RCAN(nn.Module):
+    """RCAN; ``attention`` names a block from ``nlsr.attention`` placed before every
+    ``attention_every``-th residual group (default: once, before the middle group)."""
+
+    def __init__(
+        self,
+        scale: int = 2,
+        n_resgroups: int = 10,
+        n_resblocks: int = 20,
+        n_feats: int = 64,
+        reduction: int = 16,
+        rgb_range: float = 1.0,
+        n_colors: int = 3,
+        attention: str | None = None,
+        attention_every: int | None = None,
+        attention_options: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if n_resgroups < 1 or n_resblocks < 0 or n_feats < 1:
+            raise ValueError(
+                f"rcan: need n_resgroups >= 1, n_resblocks >= 0 and n_feats >= 1, got "
+                f"{n_resgroups}, {n_resblocks}, {n_feats}"
+            )
+        if attention_every is not None and attention_every < 1:
+            raise ValueError(f"rcan: attention_every must be >= 1, got {attention_every}")
+        self.scale = scale
+        self.rgb_range = rgb_range
+        self.chop_min_size = 160000
+        self.sub_mean = MeanShift(rgb_range, -1)
+        self.add_mean = MeanShift(rgb_range, +1)
+        self.head = nn.Sequential(default_conv(n_colors, n_feats, 3))
+        if attention is None:
+            at: set[int] = set()
+        elif attention_every:
+            at = set(range(0, n_resgroups, attention_every))
+        else:
+            at = {n_resgroups // 2}
+        body: list[nn.Module] = []
+        for g in range(n_resgroups):
+            if g in at:
+                body.append(create_attention(attention, n_feats, **(attention_options or {})))
+            body.append(ResidualGroup(n_feats, reduction, n_resblocks))
+        body.append(default_conv(n_feats, n_feats, 3))
+        self.body = nn.Sequential(*body)
+        self.tail = nn.Sequential(Upsampler(scale, n_feats), default_conv(n_feats, n_colors, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.sub_mean(x))
+        x = self.body(x) + x
+        return self.add_mean(self.tail(x))

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+Factory = Callable[..., nn.Module]
+
+_MODELS: dict[str, Factory] = {}
 _DESCRIPTIONS: dict[str, str] = {}
 
 
-def register(name: str, description: str = "") -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register(name: str, description: str = "") -> Callable[[Factory], Factory]:
     """Class or factory decorator: make ``create(name, scale, **options)`` build it."""
 
-    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    def wrap(factory: Factory) -> Factory:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
         _MODELS[name] = factory
@@ -25,8 +28,20 @@ def register(name: str, description: str = "") -> Callable[[Callable[..., nn.Mod
     return wrap
 
 
+#: Modules under ``nlsr.models`` whose import registers the networks.
+_MODULES = ("bicubic", "csnln", "dlsn", "edsr", "hspan", "lcoan", "nlsn", "rcan")
+
+
+def _load_all() -> None:
+    # Imported on first use (not at package import) so that attention modules can import
+    # ``nlsr.models.common`` without a cycle through the networks that use them.
+    for module in _MODULES:
+        importlib.import_module(f"nlsr.models.{module}")
+
+
 def available() -> list[str]:
     """Names accepted by :func:`create`, sorted."""
+    _load_all()
     return sorted(_MODELS)
 
 
@@ -36,6 +51,7 @@ def describe(name: str) -> str:
 
 
 def _check(name: str) -> str:
+    _load_all()
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(available())}")
     return name

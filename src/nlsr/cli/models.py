@@ -1,0 +1,172 @@
+"""``nlsr models``: the architectures, attention blocks and paper presets nlsr provides.
+
+Parameter counts are computed by building each paper configuration on the ``meta`` device
+(shapes only, no memory, no initialisation cost) and counting its parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+#: The configurations of the papers' main models: arch -> (official code repository,
+#: constructor options, parameter count the paper reports at x2, as printed there).
+PAPER_PRESETS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "edsr": (
+        "sanghyun-son/EDSR-PyTorch",
+        {"n_resblocks": 32, "n_feats": 256, "res_scale": 0.1},
+        "40.7M",
+    ),
+    "rcan": (
+        "yulunzhang/RCAN",
+        {"n_resgroups": 10, "n_resblocks": 20, "n_feats": 64, "reduction": 16},
+        "15.4M",
+    ),
+    "nlsn": (
+        "HarukiYqM/Non-Local-Sparse-Attention",
+        {"n_resblocks": 32, "n_feats": 256, "chunk_size": 144, "n_hashes": 4, "res_scale": 0.1},
+        "41.80M",
+    ),
+    "dlsn": (
+        "laoyangui/DLSN",
+        {
+            "n_resgroups": 10,
+            "n_resblocks": 4,
+            "n_feats": 256,
+            "reduction": 4,
+            "chunk_size": 128,
+            "n_hashes": 3,
+            "res_scale": 0.1,
+        },
+        "69.84M",
+    ),
+    "hspan": (
+        "laoyangui/HSPAN",
+        {"n_resgroups": 10, "n_resblocks": 4, "n_feats": 192, "reduction": 2, "topk": 128},
+        "32.29M",
+    ),
+    "lcoan": (
+        "YigangZhao/LCoAN",
+        {
+            "n_resgroups": 10,
+            "n_resblocks": 4,
+            "n_feats": 128,
+            "reduction": 1,
+            "n_hashes": 1,
+            "n_clusters": 128,
+            "window_size": 384,
+        },
+        "15.67M",
+    ),
+    "csnln": ("SHI-Labs/Cross-Scale-Non-Local-Attention", {"n_feats": 128, "depth": 12}, "3.06M"),
+}
+
+#: What each pinned attention-block name is (see nlsr.attention).
+ATTENTION_DESCRIPTIONS = {
+    "nla": "dense non-local attention (every position attends to all)",
+    "nlsa": "non-local sparse attention, spherical LSH buckets (NLSN)",
+    "gla": "global learnable attention, super-bit LSH + learnable scores (DLSN)",
+    "hspa": "high-similarity-pass attention, sparsemax weights (HSPAN)",
+    "lcoa": "learnable k-means sparse pattern, collaborative attention (LCoAN)",
+    "csna": "cross-scale non-local attention (CSNLN)",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One paper configuration with its computed parameter count."""
+
+    arch: str
+    repository: str
+    scale: int
+    options: dict[str, Any]
+    parameters: int | None
+    paper_parameters: str
+
+
+def count_parameters(arch: str, scale: int = 2, **options: Any) -> int:
+    """Number of parameters of ``nlsr.models.create(arch, scale, **options)``, built on the
+    meta device so that even the largest configuration costs no memory."""
+    import torch
+
+    from nlsr.models import create
+
+    with torch.device("meta"):
+        model = create(arch, scale, **options)
+    return sum(p.numel() for p in model.parameters())
+
+
+def presets(scale: int = 2) -> list[Preset]:
+    """The paper presets at ``scale``; ``parameters`` is None for an architecture that is not
+    registered in this installation."""
+    from nlsr.models import available
+
+    registered = set(available())
+    return [
+        Preset(
+            arch,
+            repository,
+            scale,
+            options,
+            count_parameters(arch, scale, **options) if arch in registered else None,
+            reported,
+        )
+        for arch, (repository, options, reported) in PAPER_PRESETS.items()
+    ]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``nlsr models``."""
+    p = subparsers.add_parser(
+        "models",
+        help="list architectures, attention blocks and paper presets",
+        description="List the architectures, attention blocks and paper presets (with their "
+        "parameter counts, computed by building each model).",
+    )
+    p.add_argument(
+        "--scale", type=int, choices=(2, 3, 4), default=2, help="scale of the presets (default 2)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the listing; returns the exit status."""
+    from nlsr.attention import available_attention
+    from nlsr.models import available, describe
+
+    archs = [{"name": a, "description": describe(a)} for a in available()]
+    blocks = [
+        {"name": b, "description": ATTENTION_DESCRIPTIONS.get(b, "")} for b in available_attention()
+    ]
+    rows = presets(args.scale)
+    if args.json:
+        listing = {
+            "architectures": archs,
+            "attention": blocks,
+            "presets": [asdict(r) for r in rows],
+        }
+        print(json.dumps(listing, indent=2))
+        return 0
+    print("Architectures (nlsr.models.create / --arch):")
+    width = max(len(a["name"]) for a in archs)
+    for a in archs:
+        print(f"  {a['name']:<{width}}  {a['description']}")
+    print("\nAttention blocks (nlsr.attention.create_attention, or attention= on edsr/rcan):")
+    for b in blocks:
+        print(f"  {b['name']:<5}  {b['description']}")
+    print(f"\nPaper presets (x{args.scale}; parameters counted by building each model):")
+    paper = args.scale == 2  # the papers' headline counts are for x2
+    print(
+        f"  {'arch':<6} {'params':>8} {'(paper)':>8}  options"
+        if paper
+        else "  arch     params  options"
+    )
+    for r in rows:
+        count = "n/a" if r.parameters is None else f"{r.parameters / 1e6:.2f}M"
+        reported = f" {r.paper_parameters:>8}" if paper else ""
+        opts = " ".join(f"{k}={v}" for k, v in r.options.items())
+        print(f"  {r.arch:<6} {count:>8}{reported}  {opts}")
+    return 0

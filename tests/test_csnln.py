@@ -1,0 +1,185 @@
+"""CSNLN and its attention blocks: official parity, naive-loop references, any input size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FIXTURES, require
+
+from nlsr.attention import create_attention
+from nlsr.attention.cross_scale import CrossScaleAttention, InScaleNonLocalAttention
+from nlsr.models import create
+
+
+def _perturb_prelus(module: torch.nn.Module, seed: int = 0) -> None:
+    """Give every PReLU a distinct slope so that a swapped or skipped PReLU changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.PReLU):
+                m.weight.uniform_(-0.5, 0.5, generator=g)
+
+
+def _bilinear_down(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Closed form of half-pixel bilinear 1/s downscaling (source coordinate s*d + (s-1)/2):
+    the mean of the two middle pixels of each s x s cell for even s, the middle pixel for odd s."""
+    h, w = x.shape[-2:]
+    cells = x.reshape(*x.shape[:-2], h // s, s, w // s, s)
+    mid = [s // 2] if s % 2 else [s // 2 - 1, s // 2]
+    return cells[..., mid, :, :][..., mid].mean(dim=(-1, -3))
+
+
+def _naive_cross_scale(m: CrossScaleAttention, x: torch.Tensor) -> torch.Tensor:
+    """Cross-scale attention of one image by explicit loops over query and key patches (3x3)."""
+    s = m.scale
+    _, _, big_h, big_w = x.shape
+    h, w = big_h // s, big_w // s
+    q = F.pad(m.conv_match_1(x)[0], (1, 1, 1, 1))
+    r = F.pad(m.conv_match_2(_bilinear_down(x, s))[0], (1, 1, 1, 1))
+    e = F.pad(m.conv_assembly(x)[0], (s, s, s, s))
+    keys, values = [], []
+    for p in range(h):
+        for t in range(w):
+            key = r[:, p : p + 3, t : t + 3]
+            keys.append(key / max(float(key.norm()), 1e-4))
+            values.append(e[:, s * p : s * p + 3 * s, s * t : s * t + 3 * s])
+    canvas = torch.zeros(x.shape[1], s * big_h + 2 * s, s * big_w + 2 * s, dtype=x.dtype)
+    for i in range(big_h):
+        for j in range(big_w):
+            patch = q[:, i : i + 3, j : j + 3]
+            scores = torch.stack([(patch * key).sum() for key in keys]) * m.softmax_scale
+            weights = torch.softmax(scores, dim=0)
+            if not m.average:
+                weights = (weights == weights.max()).to(x.dtype)
+            for a, value in zip(weights, values, strict=True):
+                canvas[:, s * i : s * i + 3 * s, s * j : s * j + 3 * s] += a * value
+    return canvas[None, :, s : s + s * big_h, s : s + s * big_w] / 6
+
+
+@pytest.mark.parametrize(
+    ("scale", "hw", "average"), [(2, (4, 6), True), (3, (6, 9), True), (2, (6, 4), False)]
+)
+def test_cross_scale_attention_matches_naive_loops(scale, hw, average):
+    torch.manual_seed(0)
+    m = CrossScaleAttention(4, scale=scale, average=average).double()
+    _perturb_prelus(m)
+    x = torch.randn(2, 4, *hw, dtype=torch.float64)
+    with torch.no_grad():
+        out = m(x)
+        ref = torch.cat([_naive_cross_scale(m, x[i : i + 1]) for i in range(2)])
+    assert out.shape == (2, 4, scale * hw[0], scale * hw[1])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_in_scale_attention_matches_naive_loops():
+    torch.manual_seed(1)
+    m = InScaleNonLocalAttention(6).double()
+    _perturb_prelus(m)
+    x = torch.randn(1, 6, 3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        out = m(x)
+        theta, phi, g = m.conv_match1(x)[0], m.conv_match2(x)[0], m.conv_assembly(x)[0]
+        ref = torch.zeros_like(out)
+        pos = [(i, j) for i in range(3) for j in range(5)]
+        for i, j in pos:
+            scores = torch.stack([(theta[:, i, j] * phi[:, a, b]).sum() for a, b in pos])
+            weights = torch.softmax(scores, dim=0)
+            ref[0, :, i, j] = sum(wt * g[:, a, b] for wt, (a, b) in zip(weights, pos, strict=True))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("scale", "hw", "stride"), [(2, (1, 1), 1), (2, (5, 7), 1), (3, (4, 2), 1), (2, (9, 6), 2)]
+)
+def test_create_attention_csna_upsamples_any_size(scale, hw, stride):
+    block = create_attention("csna", 8, scale=scale, stride=stride)
+    assert isinstance(block, CrossScaleAttention)
+    x = torch.rand(1, 8, *hw)
+    with torch.no_grad():
+        out = block(x)
+    assert out.shape == (1, 8, scale * hw[0], scale * hw[1])
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("bad", [{"ksize": 2}, {"scale": 0}, {"reduction": 9}])
+def test_csna_rejects_bad_options(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        create_attention("csna", 8, **bad)
+
+
+@pytest.mark.shared
+def test_official_fixture_parity():
+    case = require(FIXTURES / "csnln_x2")
+    state = torch.load(case / "checkpoint.pt", weights_only=True)
+    x = torch.load(case / "input.pt", weights_only=True)
+    expected = torch.load(case / "output.pt", weights_only=True)
+    model = create("csnln", 2, n_feats=32, depth=2).eval()
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == expected.shape
+    err = (out - expected).abs().max().item()
+    assert err <= 1e-5, f"max abs error {err:.3g}"
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (5, 7), (13, 200), (64, 64)])
+def test_any_input_size(hw):
+    torch.manual_seed(0)
+    model = create("csnln", 2, n_feats=16, depth=1).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, *hw))
+    assert out.shape == (1, 3, 2 * hw[0], 2 * hw[1])
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("scale", [3, 4])
+def test_x3_x4_layout_and_run(scale):
+    torch.manual_seed(0)
+    model = create("csnln", scale, n_feats=8, depth=2).eval()
+    keys = model.state_dict()
+    sem = "SEM.down_sample_1.0.weight"
+    assert keys[sem].shape[-1] == (9 if scale == 3 else 6)
+    has_x4 = {
+        "SEM.multi_source_projection_2.up_attention.escape_NaN",
+        "SEM.down_sample_3.0.weight",
+        "SEM.down_sample_4.0.weight",
+        "SEM.error_encode_2.0.weight",
+    }
+    assert has_x4 <= set(keys) if scale == 4 else not has_x4 & set(keys)
+    assert ("SEM.down_sample_2.0.weight" in keys) == (scale == 3)
+    if scale == 4:
+        assert keys["SEM.down_sample_3.0.weight"].shape[-1] == 8
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 7, 5))
+    assert out.shape == (1, 3, 7 * scale, 5 * scale)
+    assert torch.isfinite(out).all()
+
+
+def test_paper_model_has_3_06m_parameters():
+    model = create("csnln", 2)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert round(trainable / 1e6, 2) == 3.06
+    assert model.chop_min_size == 3600 and model.scale == 2 and model.rgb_range == 1
+
+
+def test_training_step_lowers_loss():
+    torch.manual_seed(0)
+    model = create("csnln", 2, n_feats=8, depth=1).train()
+    lr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 16, 16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        loss = F.l1_loss(model(lr), hr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("bad", [{"scale": 5}, {"n_feats": 0}, {"n_colors": 1}])
+def test_csnln_rejects_bad_options(bad):
+    options = {"scale": 2, **bad}
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        create("csnln", **options)

@@ -7,7 +7,7 @@ import importlib
 import importlib.util
 import sys
 
-#: sub-command name -> module under ``nlsr.cli`` defining ``add_parser(subparsers)`` and ``run(args)``.
+#: sub-command -> module under ``nlsr.cli`` with ``add_parser(subparsers)`` and ``run(args)``.
 COMMANDS = {
     "upscale": "upscale",
     "eval": "evaluate",

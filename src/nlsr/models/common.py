@@ -12,7 +12,9 @@ from torch import nn
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
 
-def default_conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> nn.Conv2d:
+def default_conv(
+    in_channels: int, out_channels: int, kernel_size: int, bias: bool = True
+) -> nn.Conv2d:
     """'Same' convolution as used throughout EDSR-PyTorch."""
     return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
 
@@ -32,7 +34,9 @@ class MeanShift(nn.Conv2d):
 class ResBlock(nn.Module):
     """conv-ReLU-conv, scaled by ``res_scale``, plus the input."""
 
-    def __init__(self, n_feats: int, kernel_size: int = 3, res_scale: float = 1.0, bias: bool = True):
+    def __init__(
+        self, n_feats: int, kernel_size: int = 3, res_scale: float = 1.0, bias: bool = True
+    ):
         super().__init__()
         self.body = nn.Sequential(
             default_conv(n_feats, n_feats, kernel_size, bias),
@@ -46,7 +50,8 @@ class ResBlock(nn.Module):
 
 
 class Upsampler(nn.Sequential):
-    """Sub-pixel upsampler: log2(s) x [conv C->4C, shuffle 2] for powers of 2, or conv C->9C, shuffle 3."""
+    """Sub-pixel upsampler: log2(s) x [conv C->4C, shuffle 2] for powers of 2; conv C->9C,
+    shuffle 3 for x3."""
 
     def __init__(self, scale: int, n_feats: int, bias: bool = True):
         layers: list[nn.Module] = []
@@ -60,7 +65,9 @@ class Upsampler(nn.Sequential):
         super().__init__(*layers)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int, min_size: int = 1) -> tuple[torch.Tensor, int, int]:
+def pad_to_multiple(
+    x: torch.Tensor, multiple: int, min_size: int = 1
+) -> tuple[torch.Tensor, int, int]:
     """Reflect-pad (replicate where too small) the bottom/right so H, W are multiples of
     ``multiple`` and at least ``min_size``; returns the padded tensor and the original H, W."""
     h, w = x.shape[-2:]

@@ -15,7 +15,8 @@ from nlsr.models.registry import register
 @register("edsr")
 class EDSR(nn.Module):
     """EDSR; ``attention`` names a block from ``nlsr.attention`` placed before every
-    ``attention_every``-th residual block (default: once, in the middle), as the DLSN/HSPAN papers did."""
+    ``attention_every``-th residual block (default: once, in the middle), as in the DLSN and
+    HSPAN papers' backbone experiments."""
 
     def __init__(
         self,

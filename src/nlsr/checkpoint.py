@@ -62,18 +62,20 @@ def _read_file(path: Path) -> tuple[Any, dict | None]:
         head = f.read(16)
     if not head:
         raise CheckpointError(f"{path}: the file is empty")
+    if _looks_like_safetensors(head, path.stat().st_size):
+        return _safetensors_load(path)
     if head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTO:
         return _torch_load(path), None
-    if _looks_like_safetensors(head):
-        return _safetensors_load(path)
     raise CheckpointError(
         f"{path}: not a checkpoint (neither a PyTorch .pt/.pth file nor a safetensors file)"
     )
 
 
-def _looks_like_safetensors(head: bytes) -> bool:
-    # 8-byte little-endian header length, then a JSON object.
-    return len(head) >= 9 and head[8:9] == b"{"
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """Safetensors: an 8-byte little-endian header length, then that many bytes of JSON."""
+    return (
+        len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+    )
 
 
 def _torch_load(path: Path) -> Any:
@@ -431,12 +433,14 @@ def load(
     if scale is None:
         raise CheckpointError(f"{name}: cannot read the scale from the weights; pass scale=")
     merged = {**base, **options}
+    unknown = sorted(set(merged) - set(models.options(arch)))
+    if unknown:
+        raise CheckpointError(
+            f"{name}: {arch} does not accept option(s) {', '.join(unknown)}; "
+            f"it takes {', '.join(models.options(arch))}"
+        )
     try:
         model = models.create(arch, scale, **merged)
-    except TypeError as e:
-        if "unexpected keyword argument" not in str(e):
-            raise
-        raise CheckpointError(f"{name}: {arch} does not accept an option given ({e})") from e
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{name}: cannot build {arch} x{scale} with {merged}: {e}") from e
     _check_fit(model, sd, name, arch, scale, merged)
@@ -512,7 +516,7 @@ def _likely_cause(
         found_arch, found_scale, found = None, None, {}
     if found_arch is not None and found_arch != arch:
         return (
-            f"wrong architecture: the keys are those of a {found_arch} checkpoint; pass "
+            f"wrong architecture: the keys are those of a {found_arch!r} checkpoint; pass "
             f"arch={found_arch!r} or omit arch"
         )
     causes = []

@@ -162,13 +162,13 @@ def forward(
 def _runner(model: nn.Module, scale: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """x in [0, 1] (any device) -> float32 model output in [0, 1] on the model's device."""
     tensors = [*model.parameters(), *model.buffers()]
-    device = tensors[0].device if tensors else torch.device("cpu")
+    device = tensors[0].device if tensors else None  # parameter-free: run where the input is
     floats = [t.dtype for t in tensors if t.is_floating_point()]
     dtype = floats[0] if floats else torch.float32
     rgb_range = float(getattr(model, "rgb_range", 1.0))
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device=device, dtype=dtype)
+        x = x.to(device=device or x.device, dtype=dtype)
         y = model(x * rgb_range if rgb_range != 1 else x).float()
         if rgb_range != 1:
             y = y / rgb_range
@@ -383,10 +383,18 @@ def upscale(
         if device is not None:
             model.to(select_device(device))
     pixels, alpha, gray, layout = _split(image)
+    lr = to_tensor(pixels)
+    if device is not None and not _has_tensors(model):
+        lr = lr.to(select_device(device))  # a parameter-free model runs where its input is
     sr = forward(
-        model, to_tensor(pixels), tile=tile, overlap=overlap, chop=chop,
-        self_ensemble=self_ensemble, progress=progress,
-    )  # fmt: skip
+        model,
+        lr,
+        tile=tile,
+        overlap=overlap,
+        chop=chop,
+        self_ensemble=self_ensemble,
+        progress=progress,
+    )
     dtype = pixels.dtype
     if gray:
         colour = np.repeat(to_array(sr.mean(dim=1, keepdim=True), dtype), 3, axis=2)
@@ -400,6 +408,10 @@ def upscale(
     if isinstance(image, Image):
         return Image(colour, alpha_up, grayscale=gray, path=None)
     return _join(colour, alpha_up, gray, layout)
+
+
+def _has_tensors(model: nn.Module) -> bool:
+    return any(True for _ in model.parameters()) or any(True for _ in model.buffers())
 
 
 def _split(image: np.ndarray | Image) -> tuple[np.ndarray, np.ndarray | None, bool, int]:

@@ -47,8 +47,8 @@ _FORMAT_BY_EXTENSION = {
     ".tiff": "TIFF",
     ".webp": "WEBP",
 }
-#: Pillow formats :func:`read_image` accepts (MPO: the multi-picture JPEG that cameras write).
-_PILLOW_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP")
+#: Pillow formats :func:`read_image` accepts ("JPEG" includes the MPO files cameras write).
+_PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -731,10 +731,7 @@ def _encode(a: np.ndarray, fmt: str) -> bytes:
 
 
 def _pillow_bytes(a: np.ndarray, fmt: str, **options: object) -> bytes:
-    if a.shape[2] == 1:
-        im = PILImage.fromarray(a[:, :, 0], "I;16" if a.dtype == np.uint16 else "L")
-    else:
-        im = PILImage.fromarray(a, {2: "LA", 3: "RGB", 4: "RGBA"}[a.shape[2]])
+    im = PILImage.fromarray(np.ascontiguousarray(a[:, :, 0] if a.shape[2] == 1 else a))
     buf = io.BytesIO()
     im.save(buf, format=fmt, **options)
     return buf.getvalue()

@@ -6,7 +6,9 @@ attend to itself and its two cyclic neighbour chunks. This module does everythin
 codes, with the released arithmetic:
 
 1. stable sort of the positions by code, per round (ties keep position order) -- identical to
-   the released flat sort of ``code + r * n_buckets`` with ``stable=True``;
+   the released flat sort of ``code + r * n_buckets`` with ``stable=True``. (The release calls
+   the default, unstable ``sort``, whose tie order is implementation-defined; the official
+   fixtures' ``output_stable_sort.pt`` is the reference this reproduces);
 2. pad each round's sorted sequence to a multiple of the chunk size by repeating its tail
    (``sorted[L - pad:]``), as released;
 3. chunks of ``chunk_size``; chunk ``k`` attends to chunks ``k``, ``k - 1`` and ``k + 1``

@@ -38,7 +38,8 @@ class GlobalLearnableAttention(nn.Module):
     orthogonalises the directions in batches of at most ``d`` (paper-faithful super-bit LSH, which
     differs when ``n_buckets > d``). ``learnable=False`` drops the learnable score term (ablation;
     no ``conv_assembly_fc``/``fc`` parameters). For ``H * W < chunk_size`` (where the release
-    crashes) one bucket is used and the whole input forms one chunk (dense attention).
+    crashes) one bucket is used and all positions share one chunk (see
+    :func:`nlsr.attention.buckets.effective_chunk`).
     """
 
     def __init__(
@@ -79,7 +80,9 @@ class GlobalLearnableAttention(nn.Module):
         self.projections: Tensor | None = None
         self.generator: torch.Generator | None = None
 
-    def draw_projections(self, n_buckets: int, device: torch.device) -> Tensor:
+    def draw_projections(
+        self, n_buckets: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         """Projections ``[d, n_hashes, n_buckets]`` with the released (or super-bit) draws."""
         d = self.conv_match[0].out_channels
         gen = self.generator
@@ -92,14 +95,14 @@ class GlobalLearnableAttention(nn.Module):
                 rounds.append(torch.cat(parts, dim=1))
             else:
                 rounds.append(orthogonal_columns(d, n_buckets, gen, draw_device))
-        return torch.stack(rounds, dim=1).to(device)
+        return torch.stack(rounds, dim=1).to(device=device, dtype=dtype)
 
     def hash_codes(self, x: Tensor, n_buckets: int) -> Tensor:
         """Bucket codes ``[N, n_hashes, L]`` of embeddings ``x`` ``[N, L, d]``."""
         proj = self.projections
         expected = (x.shape[-1], self.n_hashes, n_buckets)
         if proj is None:
-            proj = self.draw_projections(n_buckets, x.device)
+            proj = self.draw_projections(n_buckets, x.device, x.dtype)
         elif tuple(proj.shape) != expected:
             raise ValueError(
                 f"gla projections have shape {tuple(proj.shape)}, expected {expected} "

@@ -35,6 +35,19 @@ from nlsr.attention.nla import (
 )
 
 
+def _prefix_threshold(rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """tau and support size of each row of ``rows`` from its ``k`` largest entries (exact when
+    the support is smaller than k, or k covers the row)."""
+    if k >= rows.shape[-1]:
+        top = torch.sort(rows, dim=-1, descending=True).values
+    else:
+        top = torch.topk(rows, k, dim=-1).values
+    cumsum = top.cumsum(dim=-1) - 1
+    rho = torch.arange(1, top.shape[-1] + 1, device=rows.device, dtype=rows.dtype)
+    support = (rho * top > cumsum).sum(dim=-1, keepdim=True)
+    return cumsum.gather(-1, support - 1) / support.to(rows.dtype), support
+
+
 def sparsemax_threshold(z: Tensor, topk: int | None = None) -> tuple[Tensor, Tensor]:
     """Threshold ``tau`` and support size over the last axis of ``z`` (shapes ``(..., 1)``).
 
@@ -43,31 +56,15 @@ def sparsemax_threshold(z: Tensor, topk: int | None = None) -> tuple[Tensor, Ten
     """
     length = z.shape[-1]
     rows = z.reshape(-1, length)
-    tau = rows.new_empty(rows.shape[0], 1)
-    size = torch.empty(rows.shape[0], 1, dtype=torch.long, device=z.device)
-    pending, index = rows, None
-    k = length if topk is None else topk
-    while True:
-        if k >= length:
-            top = torch.sort(pending, dim=-1, descending=True).values
-        else:
-            top = torch.topk(pending, k, dim=-1).values
-        cumsum = top.cumsum(dim=-1) - 1
-        rho = torch.arange(1, top.shape[-1] + 1, device=z.device, dtype=z.dtype)
-        support = (rho * top > cumsum).sum(dim=-1, keepdim=True)
-        threshold = cumsum.gather(-1, support - 1) / support.to(z.dtype)
-        if index is None:
-            tau, size = threshold, support
-        else:
-            tau[index], size[index] = threshold, support
-        if k >= length:
+    k = length if topk is None else min(topk, length)
+    tau, size = _prefix_threshold(rows, k)
+    index = torch.arange(rows.shape[0], device=z.device)
+    while k < length:
+        index = index[(size[index] == k).squeeze(-1)]
+        if index.numel() == 0:
             break
-        unsolved = (support == k).squeeze(-1)
-        if not bool(unsolved.any()):
-            break
-        pending = pending[unsolved]
-        index = unsolved.nonzero().squeeze(-1) if index is None else index[unsolved]
-        k *= 2
+        k = min(2 * k, length)
+        tau[index], size[index] = _prefix_threshold(rows[index], k)
     shape = (*z.shape[:-1], 1)
     return tau.reshape(shape), size.reshape(shape)
 
@@ -126,7 +123,9 @@ class HSPA(nn.Module):
         super().__init__()
         inner = check_reduction(channels, reduction, "hspa")
         if topk is not None and (not isinstance(topk, int) or topk < 1):
-            raise ValueError(f"hspa: option 'topk' must be a positive integer or None, got {topk!r}")
+            raise ValueError(
+                f"hspa: option 'topk' must be a positive integer or None, got {topk!r}"
+            )
         self.topk = topk
         self.res_scale = res_scale
         self.block_size = check_block_size(block_size, "hspa")

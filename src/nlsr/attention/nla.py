@@ -131,13 +131,13 @@ def check_reduction(channels: int, reduction: int, name: str) -> int:
 def check_block_size(block_size: int | None, name: str) -> int | None:
     """Validate the ``block_size`` option (positive integer or None)."""
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"{name}: option 'block_size' must be a positive integer, got {block_size!r}")
+        raise ValueError(
+            f"{name}: option 'block_size' must be a positive integer, got {block_size!r}"
+        )
     return block_size
 
 
-def flatten_embeddings(
-    theta: Tensor, phi: Tensor, g: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def flatten_embeddings(theta: Tensor, phi: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(N, d, H, W) x2 and (N, C, H, W) -> (N, L, d) x2 and (N, L, C) position-major views."""
     return tuple(t.flatten(2).transpose(1, 2) for t in (theta, phi, g))  # type: ignore[return-value]
 

@@ -21,8 +21,8 @@ class NonLocalSparseAttention(nn.Module):
     Random Gaussian rotations ``[d, n_hashes, n_buckets // 2]`` are drawn at every forward (from
     ``self.generator`` if set, else the global RNG, exactly as the release draws them) unless
     ``self.projections`` holds a fixed tensor of that layout (``projections.pt`` of the official
-    fixtures). For ``H * W < chunk_size`` (where the release crashes) two buckets are used and the
-    whole input forms one chunk, i.e. dense attention.
+    fixtures). For ``H * W < chunk_size`` (where the release crashes) two buckets are used and all
+    positions share one chunk (see :func:`nlsr.attention.buckets.effective_chunk`).
     """
 
     def __init__(
@@ -53,7 +53,9 @@ class NonLocalSparseAttention(nn.Module):
         self.projections: Tensor | None = None
         self.generator: torch.Generator | None = None
 
-    def draw_projections(self, n_buckets: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    def draw_projections(
+        self, n_buckets: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         """Random rotations ``[d, n_hashes, n_buckets // 2]``, drawn as the release's ``randn``."""
         d = self.conv_match[0].out_channels
         shape = (1, d, self.n_hashes, n_buckets // 2)

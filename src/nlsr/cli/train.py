@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 import yaml
 
@@ -44,24 +46,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _setup_logging() -> None:
+@contextlib.contextmanager
+def _console_logging() -> Iterator[None]:
+    """Show the trainer's messages on stderr (rank 0: info and up; other ranks: warnings)."""
     logger = logging.getLogger("nlsr.train")
-    if logger.handlers:
-        return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    previous = logger.level
     logger.addHandler(handler)
-    logger.propagate = False
     logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate the config, train, print where the weights are.
 
     Returns 0, 2 on user errors, 130 when stopped by a signal (a checkpoint was saved)."""
+    with _console_logging():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from nlsr.train import load_config, resume_config, train
 
-    _setup_logging()
     try:
         if args.resume is not None:
             cfg = resume_config(args.resume, args.overrides)

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from nlsr.models.registry import available, create, describe, register
+from nlsr.models.registry import available, create, describe, options, register
 
-__all__ = ["available", "create", "describe", "register"]
+__all__ = ["available", "create", "describe", "options", "register"]

@@ -16,6 +16,8 @@ Differences from the released code, none of which changes what a loaded checkpoi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -60,10 +62,12 @@ class MultisourceProjection(nn.Module):
     """Mutual projection of the two attentions: ``down = PReLU(deconv(NL(x)))``,
     ``up = CS-NL(x)``, output ``down + ResBlock(up - down)``, ``f`` times larger than ``x``."""
 
-    def __init__(self, channels: int, scale: int):
+    def __init__(self, channels: int, scale: int, **attention_options: Any):
         super().__init__()
         kernel, stride, padding = _STAGE[scale]
-        self.up_attention = CrossScaleAttention(channels, scale=_UP_FACTOR[scale])
+        self.up_attention = CrossScaleAttention(
+            channels, scale=_UP_FACTOR[scale], **attention_options
+        )
         self.down_attention = InScaleNonLocalAttention(channels)
         self.upsample = _deconv_prelu(channels, kernel, stride, padding)
         self.encoder = _PReLUResBlock(channels)
@@ -80,18 +84,20 @@ class RecurrentProjection(nn.Module):
     Returns ``(lr_features, hr_estimate)``.
     """
 
-    def __init__(self, channels: int, scale: int):
+    def __init__(self, channels: int, scale: int, **attention_options: Any):
         super().__init__()
         self.scale = scale
         kernel, stride, padding = _STAGE[scale]
-        self.multi_source_projection = MultisourceProjection(channels, scale)
+        self.multi_source_projection = MultisourceProjection(channels, scale, **attention_options)
         self.down_sample_1 = _conv_prelu(channels, kernel, stride, padding)
         if scale != 4:
             self.down_sample_2 = _conv_prelu(channels, kernel, stride, padding)
         self.error_encode = _deconv_prelu(channels, kernel, stride, padding)
         self.post_conv = nn.Sequential(default_conv(channels, channels, 3), nn.PReLU())
         if scale == 4:
-            self.multi_source_projection_2 = MultisourceProjection(channels, scale)
+            self.multi_source_projection_2 = MultisourceProjection(
+                channels, scale, **attention_options
+            )
             self.down_sample_3 = _conv_prelu(channels, *_X4_LR)
             self.down_sample_4 = _conv_prelu(channels, *_X4_LR)
             self.error_encode_2 = _deconv_prelu(channels, *_X4_LR)
@@ -106,11 +112,12 @@ class RecurrentProjection(nn.Module):
         return self.post_conv(self.down_sample_2(hr)), hr
 
 
-@register("csnln")
+@register("csnln", "CSNLN: cross-scale non-local attention with recurrent self-exemplar mining")
 class CSNLN(nn.Module):
     """CSNLN: recurrent self-exemplar mining with cross-scale and in-scale non-local attention.
 
-    Defaults are the paper model (128 features, 12 recurrences; 3.06M parameters at x2).
+    Defaults are the paper model (128 features, 12 recurrences; 3.06M parameters at x2). The
+    ``csnla_*`` options are the cross-scale attention's constants, hard-coded in the release.
     """
 
     def __init__(
@@ -120,6 +127,10 @@ class CSNLN(nn.Module):
         depth: int = 12,
         rgb_range: float = 1.0,
         n_colors: int = 3,
+        csnla_ksize: int = 3,
+        csnla_stride: int = 1,
+        csnla_softmax_scale: float = 10.0,
+        csnla_average: bool = True,
     ):
         super().__init__()
         if scale not in _STAGE:
@@ -140,7 +151,14 @@ class CSNLN(nn.Module):
         self.depth = depth
         self.chop_min_size = 3600
         self.sub_mean = MeanShift(rgb_range, -1)
-        self.SEM = RecurrentProjection(n_feats, scale)
+        self.SEM = RecurrentProjection(
+            n_feats,
+            scale,
+            ksize=csnla_ksize,
+            stride=csnla_stride,
+            softmax_scale=csnla_softmax_scale,
+            average=csnla_average,
+        )
         self.add_mean = MeanShift(rgb_range, +1)
         self.head = nn.Sequential(
             nn.Sequential(default_conv(n_colors, n_feats, 3), nn.PReLU()),

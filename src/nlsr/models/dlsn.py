@@ -44,7 +44,7 @@ class GLAFFM(nn.Module):
         return self.body(x).mul(self.res_scale) + x
 
 
-@register("dlsn")
+@register("dlsn", "DLSN: global learnable attention (GLA) with super-bit LSH")
 class DLSN(nn.Module):
     """DLSN: ``n_resgroups`` GLAFFM groups, a trunk conv and a sub-pixel tail; key names equal the
     released state dict, including the unused scalar parameter ``a``."""

@@ -12,7 +12,7 @@ from nlsr.models.common import MeanShift, ResBlock, Upsampler, default_conv
 from nlsr.models.registry import register
 
 
-@register("edsr")
+@register("edsr", "EDSR: deep residual network; accepts any attention block")
 class EDSR(nn.Module):
     """EDSR; ``attention`` names a block from ``nlsr.attention`` placed before every
     ``attention_every``-th residual block (default: once, in the middle), as in the DLSN and
@@ -33,6 +33,7 @@ class EDSR(nn.Module):
         super().__init__()
         self.scale = scale
         self.rgb_range = rgb_range
+        self.chop_min_size = 160000
         self.sub_mean = MeanShift(rgb_range, -1)
         self.add_mean = MeanShift(rgb_range, +1)
         self.head = nn.Sequential(default_conv(n_colors, n_feats, 3))

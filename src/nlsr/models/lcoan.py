@@ -34,7 +34,7 @@ class LCoAGroup(nn.Module):
         return self.m_conv(res).mul(self.res_scale) + x, pattern
 
 
-@register("lcoan")
+@register("lcoan", "LCoAN: k-means learnable sparse pattern + collaborative attention")
 class LCoAN(nn.Module):
     """LCoAN: learnable (k-means) sparse pattern + collaborative attention (15.67M at x2).
 

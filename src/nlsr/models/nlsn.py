@@ -10,7 +10,7 @@ from nlsr.models.common import MeanShift, ResBlock, Upsampler, default_conv
 from nlsr.models.registry import register
 
 
-@register("nlsn")
+@register("nlsn", "NLSN: non-local sparse attention (spherical LSH)")
 class NLSN(nn.Module):
     """NLSN: NLSA, then ``n_resblocks`` residual blocks with another NLSA after every 8th, a conv,
     and a sub-pixel tail; key names equal the released state dict."""

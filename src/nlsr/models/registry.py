@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +22,8 @@ def register(name: str, description: str = "") -> Callable[[Factory], Factory]:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
         _MODELS[name] = factory
-        doc = (factory.__doc__ or "").strip().splitlines()
-        _DESCRIPTIONS[name] = description or (doc[0] if doc else "")
+        summary = (factory.__doc__ or "").strip().split("\n\n")[0]
+        _DESCRIPTIONS[name] = description or " ".join(summary.split())
         return factory
 
     return wrap
@@ -48,6 +49,16 @@ def available() -> list[str]:
 def describe(name: str) -> str:
     """One-line description of a registered model."""
     return _DESCRIPTIONS[_check(name)]
+
+
+def options(name: str) -> dict[str, Any]:
+    """Keyword options of model ``name`` (besides ``scale``) with their default values."""
+    params = inspect.signature(_MODELS[_check(name)]).parameters
+    return {
+        p.name: p.default
+        for p in params.values()
+        if p.name != "scale" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
 
 
 def _check(name: str) -> str:

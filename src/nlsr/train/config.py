@@ -78,7 +78,7 @@ class TrainSection:
     deterministic: bool = False
     device: str = "auto"
     threads: int | None = None
-    amp: bool = True
+    amp: bool = False
     channels_last: bool = False
     log_every: int = 100
     checkpoint_every: int = 5000
@@ -214,6 +214,9 @@ def _deep_copy(value: Any) -> Any:
 # ----------------------------------------------------------------------------- validation
 
 
+_PLURAL = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -224,7 +227,7 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         return f"a list of {_type_name(args[0])}"
     if origin is tuple:
-        return f"a list of {len(args)} {_type_name(args[0])}"
+        return f"a list of {len(args)} {_PLURAL[args[0]]}"
     if origin is dict:
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}[tp]

@@ -234,6 +234,8 @@ class Trainer:
             raise ConfigError(
                 f"model: cannot build {m.arch} x{m.scale} with options {m.options}: {exc}"
             ) from exc
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"model.arch: {m.arch} has no trainable parameters")
         _load_initial_weights(model, self.cfg)
         model.to(self.device)
         if self.cfg.train.channels_last:

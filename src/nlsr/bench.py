@@ -1,0 +1,842 @@
+"""Time and memory of attention blocks and networks over growing feature maps (``nlsr bench``).
+
+Every measurement runs one callable -- a forward pass under ``torch.inference_mode`` ("infer")
+or a forward plus backward pass ("train") -- after ``warmup`` untimed calls, ``repeat`` times,
+and keeps every wall time (median and minimum reported) and the process CPU time of each call
+(with one thread on a shared machine, the CPU time is the less noisy figure: it excludes the time
+spent waiting for a core). Peak memory is taken around each timed call by a :class:`MemoryMeter`:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``;
+* CPU on Linux: the kernel's resident-set high-water mark ``VmHWM`` of ``/proc/self/status``,
+  reset before the call by writing ``5`` to ``/proc/self/clear_refs``, after a garbage
+  collection and ``malloc_trim(0)`` so that memory freed earlier is not silently reused;
+* CPU where the reset is refused: a thread sampling ``VmRSS`` every millisecond (a lower bound:
+  it can miss peaks shorter than the period);
+* elsewhere: no memory figure (``None``).
+
+``peak_bytes`` is that high-water mark (the whole process on CPU, all tensors on CUDA);
+``extra_bytes`` is the peak minus the level just before the call, i.e. the memory the call
+needed on top of the model and its input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import datetime as _dt
+import gc
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Feature-map sides measured by default (positions = side**2).
+DEFAULT_SIZES = (48, 96, 192, 384)
+#: What a measurement runs: forward only, or forward + backward.
+MODES = ("infer", "train")
+#: Model configurations: constructor defaults (the papers' sizes) or :data:`SMALL_CONFIGS`.
+CONFIGS = ("small", "paper")
+#: Reduced options per architecture for quick network measurements ("small" configuration).
+SMALL_CONFIGS: dict[str, dict[str, Any]] = {
+    "edsr": {"n_resblocks": 8, "n_feats": 64},
+    "rcan": {"n_resgroups": 2, "n_resblocks": 4, "n_feats": 64},
+    "nlsn": {"n_resblocks": 8, "n_feats": 64},
+    "dlsn": {"n_resgroups": 4, "n_resblocks": 2, "n_feats": 64},
+    "hspan": {"n_resgroups": 4, "n_resblocks": 2, "n_feats": 64},
+    "lcoan": {"n_resgroups": 4, "n_resblocks": 2, "n_feats": 64},
+    "csnln": {"n_feats": 32, "depth": 4},
+}
+#: JSON layout version written by :meth:`Report.to_dict`.
+SCHEMA_VERSION = 1
+
+_SAMPLE_PERIOD_S = 0.001
+
+
+class BenchError(ValueError):
+    """A benchmark request that cannot be carried out (bad option, missing optional extra)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    """Value of ``key`` (e.g. ``VmRSS``) in ``/proc/self/status``, in bytes; None if unreadable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark of this process (Linux >= 4.0); True on success."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _malloc_trim() -> None:
+    """Hand memory that glibc keeps in its free lists back to the kernel (no-op elsewhere)."""
+    name = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
+
+
+@dataclass
+class MemoryUsage:
+    """Peak memory seen during one tracked call (bytes; None when not measurable)."""
+
+    peak_bytes: int | None = None
+    extra_bytes: int | None = None
+
+
+class MemoryMeter:
+    """Tracks the peak memory of a call on ``device``; :attr:`method` says how (module doc)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.method = "cuda-max-memory-allocated"
+        elif _proc_status_bytes("VmHWM") is not None and _reset_peak_rss():
+            self.method = "linux-vmhwm-reset"
+        elif _proc_status_bytes("VmRSS") is not None:
+            self.method = "rss-sampling-1ms"
+        else:
+            self.method = "unavailable"
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[MemoryUsage]:
+        """Context manager measuring the block it wraps; the yielded record is filled on exit."""
+        usage = MemoryUsage()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            yield usage
+            torch.cuda.synchronize(self.device)
+            usage.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            usage.extra_bytes = max(0, usage.peak_bytes - base)
+            return
+        if self.method == "unavailable":
+            yield usage
+            return
+        gc.collect()
+        _malloc_trim()
+        base = _proc_status_bytes("VmRSS") or 0
+        if self.method == "linux-vmhwm-reset":
+            _reset_peak_rss()
+            yield usage
+            peak = _proc_status_bytes("VmHWM") or base
+        else:
+            finish = self._sampled(base)
+            yield usage
+            peak = finish()
+        usage.peak_bytes = max(peak, base)
+        usage.extra_bytes = usage.peak_bytes - base
+
+    @staticmethod
+    def _sampled(base: int) -> Callable[[], int]:
+        """Start a thread sampling VmRSS; the returned function stops it and gives the maximum."""
+        highest = [base]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                highest[0] = max(highest[0], _proc_status_bytes("VmRSS") or 0)
+                stop.wait(_SAMPLE_PERIOD_S)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+
+        def finish() -> int:
+            stop.set()
+            thread.join()
+            return max(highest[0], _proc_status_bytes("VmRSS") or 0)
+
+        return finish
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """Wall and process-CPU times (seconds) of the timed calls and their largest memory peak."""
+
+    times_s: list[float]
+    cpu_times_s: list[float]
+    peak_bytes: int | None
+    extra_bytes: int | None
+
+    @property
+    def median_s(self) -> float:
+        """Median of :attr:`times_s`."""
+        return statistics.median(self.times_s)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    fn: Callable[[], object],
+    *,
+    repeat: int = 5,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    meter: MemoryMeter | None = None,
+) -> Timing:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeat`` times timed (wall clock and CPU
+    time of the process, synchronising CUDA around each call) with the memory of every timed
+    call tracked by ``meter``."""
+    if repeat < 1 or warmup < 0:
+        raise BenchError(f"--repeat must be >= 1 and --warmup >= 0, got {repeat} and {warmup}")
+    device = torch.device(device)
+    meter = meter or MemoryMeter(device)
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    times: list[float] = []
+    cpu_times: list[float] = []
+    peaks: list[MemoryUsage] = []
+    for _ in range(repeat):
+        with meter.track() as usage:
+            _synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            fn()
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+        peaks.append(usage)
+    known = [p for p in peaks if p.peak_bytes is not None]
+    if not known:
+        return Timing(times, cpu_times, None, None)
+    return Timing(
+        times,
+        cpu_times,
+        max(p.peak_bytes for p in known),  # type: ignore[type-var]
+        max(p.extra_bytes for p in known),  # type: ignore[type-var]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Scaling exponent
+# --------------------------------------------------------------------------------------------
+
+
+def fit_exponent(positions: Sequence[float], values: Sequence[float]) -> float:
+    """Least-squares slope of ``log(values)`` against ``log(positions)``: the ``p`` of
+    ``value ~ a * positions**p``. Needs two or more distinct positive positions."""
+    pairs = [(math.log(x), math.log(y)) for x, y in zip(positions, values, strict=True)]
+    if len(pairs) < 2 or any(not math.isfinite(v) for p in pairs for v in p):
+        raise BenchError("fit_exponent needs at least two points with positive values")
+    mx = statistics.fmean(p[0] for p in pairs)
+    my = statistics.fmean(p[1] for p in pairs)
+    sxx = sum((x - mx) ** 2 for x, _ in pairs)
+    if sxx == 0:
+        raise BenchError("fit_exponent needs at least two distinct numbers of positions")
+    return sum((x - mx) * (y - my) for x, y in pairs) / sxx
+
+
+def extrapolate(points: Sequence[tuple[int, float]], positions: int) -> float | None:
+    """Predicted value at ``positions`` from the measured ``(positions, value)`` points: the
+    last value scaled by ``(positions / last)**p`` with ``p`` the slope of the last two points,
+    at least 1 (no method gets cheaper per position as inputs grow). None without points."""
+    usable = [(x, y) for x, y in points if y > 0]
+    if not usable:
+        return None
+    x1, y1 = usable[-1]
+    p = 1.0
+    if len(usable) >= 2:
+        x0, y0 = usable[-2]
+        if x1 != x0:
+            p = max(1.0, (math.log(y1) - math.log(y0)) / (math.log(x1) - math.log(x0)))
+    return y1 * (positions / x1) ** p
+
+
+# --------------------------------------------------------------------------------------------
+# What is measured
+# --------------------------------------------------------------------------------------------
+
+
+class SharedPatternAdapter(nn.Module):
+    """Wraps a block so that it can stand in for a pattern-sharing block (LCoAN's
+    ``forward_shared``): it computes its own attention and shares no pattern."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped block's output."""
+        return self.block(x)
+
+    def forward_shared(self, x: torch.Tensor, pattern: object = None) -> tuple[torch.Tensor, None]:
+        """The wrapped block's output and no pattern (the next block computes its own)."""
+        return self.block(x), None
+
+
+def _attention_types() -> tuple[type, ...]:
+    """Classes of the registered attention blocks (built on the meta device: no memory)."""
+    from nlsr.attention import available_attention, create_attention
+
+    types: set[type] = set()
+    with torch.device("meta"):
+        for name in available_attention():
+            with contextlib.suppress(ValueError, TypeError):
+                types.add(type(create_attention(name, 64)))
+    return tuple(types)
+
+
+def _in_channels(module: nn.Module) -> int:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    raise BenchError(f"cannot tell the channel count of {type(module).__name__}")
+
+
+def swap_attention(model: nn.Module, name: str) -> int:
+    """Replace every registered attention block inside ``model`` by ``create_attention(name,
+    channels)`` (wrapped in :class:`SharedPatternAdapter`); returns how many were replaced."""
+    from nlsr.attention import create_attention
+
+    kinds = _attention_types()
+    targets = [
+        (parent, child_name, child)
+        for parent in model.modules()
+        for child_name, child in parent.named_children()
+        if isinstance(child, kinds)
+    ]
+    for parent, child_name, child in targets:
+        block = create_attention(name, _in_channels(child))
+        setattr(parent, child_name, SharedPatternAdapter(block))
+    return len(targets)
+
+
+def build_model(spec: str, scale: int = 2, config: str = "small") -> nn.Module:
+    """Network ``spec`` = ``ARCH`` or ``ARCH+BLOCK`` (the network with every attention block
+    replaced by attention ``BLOCK``, or with ``attention=BLOCK`` where the network takes that
+    option, as EDSR and RCAN do), in the ``small`` (:data:`SMALL_CONFIGS`) or ``paper`` size."""
+    from nlsr.attention import available_attention
+    from nlsr.models import available, create
+
+    if config not in CONFIGS:
+        raise BenchError(f"--config must be one of {', '.join(CONFIGS)}, got {config!r}")
+    arch, _, block = spec.partition("+")
+    if arch not in available():
+        raise BenchError(f"--models: unknown network {arch!r}; available: {', '.join(available())}")
+    if block and block not in available_attention():
+        raise BenchError(
+            f"--models: unknown attention {block!r} in {spec!r}; "
+            f"available: {', '.join(available_attention())}"
+        )
+    options = dict(SMALL_CONFIGS.get(arch, {})) if config == "small" else {}
+    model = create(arch, scale, **options)
+    if not block:
+        return model
+    if "attention" in inspect.signature(type(model).__init__).parameters:
+        return create(arch, scale, attention=block, **options)
+    if swap_attention(model, block) == 0:
+        raise BenchError(f"--models {spec!r}: network {arch!r} has no attention block to replace")
+    return model
+
+
+def workload(module: nn.Module, inputs: torch.Tensor, mode: str) -> Callable[[], None]:
+    """The callable that one measurement times: ``module(inputs)`` under inference mode
+    ("infer"), or forward, ``sum().backward()`` and gradient reset ("train", in train mode)."""
+    if mode == "infer":
+        module.eval()
+
+        def infer() -> None:
+            with torch.inference_mode():
+                module(inputs)
+
+        return infer
+    if mode == "train":
+        module.train()
+
+        def train() -> None:
+            module.zero_grad(set_to_none=True)
+            inputs.grad = None
+            module(inputs).sum().backward()
+
+        return train
+    raise BenchError(f"--mode must be among {', '.join(MODES)}, got {mode!r}")
+
+
+def profile_ops(
+    fn: Callable[[], object], device: torch.device | str = "cpu", top: int = 15
+) -> list[dict[str, Any]]:
+    """Run ``fn`` once under ``torch.profiler`` and return the ``top`` operators by self time
+    (``op``, ``calls``, ``self_s``, ``total_s``, ``self_fraction`` of the summed self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+        _synchronize(device)
+    cuda = device.type == "cuda"
+    events = prof.key_averages()
+
+    def self_us(e: Any) -> float:
+        return float(e.self_device_time_total if cuda else e.self_cpu_time_total)
+
+    total = sum(self_us(e) for e in events) or 1.0
+    ranked = sorted(events, key=self_us, reverse=True)[:top]
+    return [
+        {
+            "op": e.key,
+            "calls": int(e.count),
+            "self_s": self_us(e) / 1e6,
+            "total_s": float(e.device_time_total if cuda else e.cpu_time_total) / 1e6,
+            "self_fraction": self_us(e) / total,
+        }
+        for e in ranked
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The suite
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One measured (or skipped) combination of target, size and mode."""
+
+    kind: str  # "block" or "model"
+    name: str
+    size: int
+    positions: int
+    channels: int
+    mode: str
+    status: str  # "ok", "skipped" or "error"
+    note: str = ""
+    times_s: list[float] = field(default_factory=list)
+    median_s: float | None = None
+    min_s: float | None = None
+    cpu_times_s: list[float] = field(default_factory=list)
+    cpu_median_s: float | None = None
+    peak_bytes: int | None = None
+    extra_bytes: int | None = None
+    input_bytes: int = 0
+    parameters: int = 0
+    profile: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class Fit:
+    """Scaling exponent ``p`` of ``metric ~ positions**p`` for one target and mode."""
+
+    kind: str
+    name: str
+    mode: str
+    metric: str  # "time" (median wall), "cpu" (median process CPU time), "memory" (extra)
+    exponent: float
+    sizes: list[int]
+
+
+@dataclass
+class Settings:
+    """What :func:`run_suite` measures and its limits."""
+
+    blocks: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
+    channels: int = 64
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    repeat: int = 5
+    warmup: int = 1
+    device: str = "cpu"
+    config: str = "small"
+    scale: int = 2
+    batch: int = 1
+    max_memory: int | None = 4 * 2**30
+    max_seconds: float | None = 30.0
+    fit_range: tuple[int, int] = (96, 384)
+    profile_top: int = 0
+    seed: int = 0
+
+
+@dataclass
+class Report:
+    """Environment, settings, rows and fitted exponents of one run."""
+
+    environment: dict[str, Any]
+    settings: Settings
+    rows: list[Row]
+    fits: list[Fit]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON layout written by :func:`write_json`."""
+        settings = asdict(self.settings)
+        settings["fit_range"] = list(self.settings.fit_range)
+        return {
+            "schema": SCHEMA_VERSION,
+            "environment": self.environment,
+            "settings": settings,
+            "rows": [asdict(r) for r in self.rows],
+            "fits": [asdict(f) for f in self.fits],
+        }
+
+
+def environment(device: torch.device, meter: MemoryMeter) -> dict[str, Any]:
+    """Where the figures come from: versions, device, threads, memory method, date."""
+    from nlsr import __version__
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {
+        "device": str(device),
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "nlsr": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "memory_method": meter.method,
+        "load_average_start": _load_average(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (other processes competing for the CPU), if known."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda[:i]``; CUDA must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise BenchError(f"--device: {err}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device must be cpu, cuda or auto, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: CUDA is not available in this torch installation")
+    return device
+
+
+def _skip_reason(
+    settings: Settings,
+    history: list[tuple[int, float, int | None]],
+    positions: int,
+) -> str:
+    """Why a size should be skipped, from the extrapolated time and memory, or ''."""
+    t = extrapolate([(p, m) for p, m, _ in history], positions)
+    if settings.max_seconds is not None and t is not None and t > settings.max_seconds:
+        return f"predicted {t:.3g} s per run > --max-seconds {settings.max_seconds:g}"
+    mem = extrapolate([(p, e) for p, _, e in history if e is not None], positions)
+    if settings.max_memory is not None and mem is not None and mem > settings.max_memory:
+        return (
+            f"predicted {format_bytes(mem)} extra memory > "
+            f"--max-memory {format_bytes(settings.max_memory)}"
+        )
+    return ""
+
+
+def _targets(
+    settings: Settings, device: torch.device
+) -> Iterator[tuple[str, str, Callable[[], nn.Module]]]:
+    """(kind, name, builder) of every block and network to measure."""
+    from nlsr.attention import create_attention
+
+    for name in settings.blocks:
+        yield "block", name, lambda n=name: create_attention(n, settings.channels).to(device)
+    for spec in settings.models:
+        yield (
+            "model",
+            spec,
+            lambda s=spec: build_model(s, settings.scale, settings.config).to(device),
+        )
+
+
+def run_suite(settings: Settings, log: Callable[[str], None] | None = None) -> Report:
+    """Measure every block and network of ``settings`` at every size and mode (ascending
+    sizes; a size is skipped, with a note, when the extrapolation of the sizes measured before
+    it exceeds ``max_seconds`` per run or ``max_memory`` extra), then fit the exponents."""
+    device = resolve_device(settings.device)
+    meter = MemoryMeter(device)
+    env = environment(device, meter)
+    rows: list[Row] = []
+    sizes = sorted(set(settings.sizes))
+    for kind, name, build in _targets(settings, device):
+        for mode in settings.modes:
+            history: list[tuple[int, float, int | None]] = []
+            stop = ""
+            for size in sizes:
+                positions = size * size
+                row = Row(kind, name, size, positions, settings.channels if kind == "block" else 3,
+                          mode, "ok")
+                row.note = stop or _skip_reason(settings, history, positions)
+                if row.note:
+                    row.status = "skipped"
+                else:
+                    _measure_row(row, build, settings, device, meter)
+                    if row.status == "ok":
+                        history.append((positions, row.median_s or 0.0, row.extra_bytes))
+                    else:
+                        stop = f"not measured: {row.note.split(':')[0]} at size {size}"
+                rows.append(row)
+                if log:
+                    log(_row_line(row))
+    env["load_average_end"] = _load_average()
+    return Report(env, settings, rows, fit_rows(rows, settings.fit_range))
+
+
+def _measure_row(
+    row: Row,
+    build: Callable[[], nn.Module],
+    settings: Settings,
+    device: torch.device,
+    meter: MemoryMeter,
+) -> None:
+    """Build the target, time it and fill ``row`` (status "error" with the message on failure)."""
+    torch.manual_seed(settings.seed)
+    module: nn.Module | None = None
+    try:
+        module = build()
+        row.parameters = sum(p.numel() for p in module.parameters())
+        shape = (settings.batch, row.channels, row.size, row.size)
+        inputs = torch.randn(shape, device=device) if row.kind == "block" else torch.rand(
+            shape, device=device
+        )
+        if row.mode == "train" and row.kind == "block":
+            inputs.requires_grad_(True)
+        row.input_bytes = inputs.numel() * inputs.element_size()
+        fn = workload(module, inputs, row.mode)
+        timing = measure(fn, repeat=settings.repeat, warmup=settings.warmup, device=device,
+                         meter=meter)
+        row.times_s = timing.times_s
+        row.median_s = timing.median_s
+        row.min_s = min(timing.times_s)
+        row.cpu_times_s = timing.cpu_times_s
+        row.cpu_median_s = statistics.median(timing.cpu_times_s)
+        row.peak_bytes, row.extra_bytes = timing.peak_bytes, timing.extra_bytes
+        if settings.profile_top > 0:
+            row.profile = profile_ops(fn, device, settings.profile_top)
+    except BenchError:
+        raise
+    except Exception as err:  # a failing block is reported, the suite goes on
+        row.status = "error"
+        row.note = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+    finally:
+        del module
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def fit_rows(rows: Sequence[Row], fit_range: tuple[int, int]) -> list[Fit]:
+    """Time and memory exponents per target and mode over the measured sizes within
+    ``fit_range`` (inclusive sides); targets with fewer than two such sizes get none."""
+    lo, hi = fit_range
+    groups: dict[tuple[str, str, str], list[Row]] = {}
+    for r in rows:
+        if r.status == "ok" and lo <= r.size <= hi:
+            groups.setdefault((r.kind, r.name, r.mode), []).append(r)
+    fits: list[Fit] = []
+    for (kind, name, mode), group in groups.items():
+        sizes = [r.size for r in group]
+        if len(set(sizes)) < 2:
+            continue
+        positions = [r.positions for r in group]
+        for metric, values in (("time", [r.median_s or 0.0 for r in group]),
+                               ("cpu", [r.cpu_median_s or 0.0 for r in group])):
+            if min(values) > 0:
+                fits.append(Fit(kind, name, mode, metric, fit_exponent(positions, values), sizes))
+        mem = [r for r in group if r.extra_bytes]
+        if len({r.size for r in mem}) >= 2:
+            exponent = fit_exponent([r.positions for r in mem], [r.extra_bytes or 0 for r in mem])
+            fits.append(Fit(kind, name, mode, "memory", exponent, [r.size for r in mem]))
+    return fits
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def format_bytes(n: float | None) -> str:
+    """Human-readable byte count (binary units), '-' for None."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def parse_bytes(text: str) -> int:
+    """'512M', '4G', '1.5GiB', '1000000' -> bytes (binary multiples)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in "KMGT" else (t, "")
+    try:
+        value = float(number)
+    except ValueError:
+        raise BenchError(f"--max-memory: cannot read {text!r} (e.g. 512M, 4G)") from None
+    if value <= 0:
+        raise BenchError(f"--max-memory must be positive, got {text!r}")
+    return int(value * units[unit])
+
+
+def _row_line(r: Row) -> str:
+    if r.status != "ok":
+        return f"{r.kind:<5} {r.name:<12} {r.size:>5} {r.mode:<5}  {r.status}: {r.note}"
+    return (
+        f"{r.kind:<5} {r.name:<12} {r.size:>5} {r.mode:<5}  median {r.median_s:.4f} s  "
+        f"min {r.min_s:.4f} s  cpu {r.cpu_median_s:.4f} s  extra {format_bytes(r.extra_bytes)}"
+    )
+
+
+def format_table(report: Report) -> str:
+    """The rows as a fixed-width table, followed by the fitted exponents."""
+    head = (f"{'kind':<5} {'name':<12} {'size':>5} {'positions':>9} {'mode':<5} "
+            f"{'median s':>9} {'min s':>9} {'cpu s':>9} {'peak':>10} {'extra':>10}  note")
+    lines = [head, "-" * len(head)]
+    for r in report.rows:
+        med = f"{r.median_s:.4f}" if r.median_s is not None else "-"
+        mn = f"{r.min_s:.4f}" if r.min_s is not None else "-"
+        cpu = f"{r.cpu_median_s:.4f}" if r.cpu_median_s is not None else "-"
+        lines.append(
+            f"{r.kind:<5} {r.name:<12} {r.size:>5} {r.positions:>9} {r.mode:<5} {med:>9} {mn:>9} "
+            f"{cpu:>9} "
+            f"{format_bytes(r.peak_bytes):>10} {format_bytes(r.extra_bytes):>10}  "
+            f"{r.note if r.status != 'ok' else ''}".rstrip()
+        )
+    lo, hi = report.settings.fit_range
+    lines.append("")
+    lines.append(f"Scaling exponents p (value ~ positions**p), sizes {lo}..{hi}:")
+    if not report.fits:
+        lines.append("  none (needs two measured sizes inside the range; see --fit-range)")
+    for f in report.fits:
+        sizes = ",".join(str(s) for s in f.sizes)
+        lines.append(f"  {f.kind:<5} {f.name:<12} {f.mode:<5} {f.metric:<6} p = {f.exponent:.3f}"
+                     f"  (sizes {sizes})")
+    return "\n".join(lines)
+
+
+def format_profile(row: Row) -> str:
+    """The profiled top operators of ``row`` as a small table."""
+    lines = [f"Top ops: {row.kind} {row.name} size {row.size} {row.mode}",
+             f"  {'self s':>8} {'share':>6} {'calls':>6}  op"]
+    for op in row.profile or []:
+        share = f"{op['self_fraction']:.1%}"
+        lines.append(f"  {op['self_s']:>8.4f} {share:>6} {op['calls']:>6}  {op['op']}")
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(report: Report, path: str | Path) -> Path:
+    """Write ``report.to_dict()`` to ``path`` atomically; returns the path."""
+    text = json.dumps(report.to_dict(), indent=2)
+    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n"))
+
+
+def require_matplotlib() -> Any:
+    """``matplotlib.pyplot`` on a non-interactive backend, or a BenchError saying how to get it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BenchError(
+            "--plot needs matplotlib, an optional extra: pip install 'nlsr[bench]' "
+            "(or pip install matplotlib)"
+        ) from None
+    return plt
+
+
+def plot(report: Report, path: str | Path) -> Path:
+    """Log-log plot of median time and extra memory against positions, one line per target and
+    mode, written atomically to ``path`` (PNG); needs matplotlib."""
+    plt = require_matplotlib()
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5))
+    series: dict[tuple[str, str], list[Row]] = {}
+    for r in report.rows:
+        if r.status == "ok":
+            series.setdefault((r.name, r.mode), []).append(r)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(n for n, _ in series))}
+    for (name, mode), rs in sorted(series.items()):
+        style = {"color": colors[name], "linestyle": "-" if mode == "infer" else "--",
+                 "marker": "o", "label": f"{name} {mode}"}
+        ax_t.plot([r.positions for r in rs], [r.median_s for r in rs], **style)
+        mem = [(r.positions, r.extra_bytes / 2**20) for r in rs if r.extra_bytes]
+        if mem:
+            ax_m.plot(*zip(*mem, strict=True), **style)
+    env = report.environment
+    for ax, ylabel in ((ax_t, "median time (s)"), (ax_m, "extra memory (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("positions (H*W)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=7)
+    fig.suptitle(
+        f"nlsr bench: {env['device_name']}, {env['threads']} threads, torch {env['torch']}"
+    )
+    fig.tight_layout()
+    out = _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return out

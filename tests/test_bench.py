@@ -1,0 +1,229 @@
+"""Tests of the benchmark suite (nlsr.bench, ``nlsr bench``): exponent fit, memory meter, JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nlsr import bench
+from nlsr.attention import available_attention
+from nlsr.cli import main
+
+MIB = 2**20
+
+
+def _block() -> str:
+    """A registered block to run the tiny suite with (dense NLA preferred: fastest to build)."""
+    names = available_attention()
+    if not names:
+        pytest.skip("no attention block is registered yet")
+    return "nla" if "nla" in names else names[0]
+
+
+# ----------------------------------------------------------------------------- exponent fit
+
+
+@pytest.mark.parametrize("exponent", [0.5, 1.0, 1.15, 2.0])
+def test_fit_exponent_recovers_a_power_law(exponent: float) -> None:
+    positions = [48**2, 96**2, 192**2, 384**2]
+    values = [3e-6 * p**exponent for p in positions]
+    assert bench.fit_exponent(positions, values) == pytest.approx(exponent, abs=1e-9)
+
+
+def test_fit_exponent_is_the_least_squares_slope_under_noise() -> None:
+    # log(positions) equally spaced (centred: -1.5, -0.5, 0.5, 1.5 steps); log-noise +e, -e, -e,
+    # +e is orthogonal to them, so the least-squares slope is exactly the true exponent.
+    positions = [100, 1000, 10000, 100000]
+    noise = [1.1, 1 / 1.1, 1 / 1.1, 1.1]  # symmetric: leaves the slope unchanged
+    values = [p**1.3 * n for p, n in zip(positions, noise, strict=True)]
+    assert bench.fit_exponent(positions, values) == pytest.approx(1.3, abs=1e-9)
+    tilted = [p**1.3 * n for p, n in zip(positions, [0.9, 1.0, 1.0, 1.1], strict=True)]
+    xs = [math.log(p) for p in positions]
+    ys = [math.log(v) for v in tilted]
+    mx, my = sum(xs) / 4, sum(ys) / 4
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    assert bench.fit_exponent(positions, tilted) == pytest.approx(slope, rel=1e-12)
+    assert slope > 1.3
+
+
+def test_fit_exponent_needs_two_distinct_points() -> None:
+    with pytest.raises(bench.BenchError):
+        bench.fit_exponent([100], [1.0])
+    with pytest.raises(bench.BenchError):
+        bench.fit_exponent([100, 100], [1.0, 2.0])
+
+
+def test_extrapolate_follows_the_last_slope_but_never_below_linear() -> None:
+    assert bench.extrapolate([], 10) is None
+    assert bench.extrapolate([(100, 1.0), (400, 16.0)], 1600) == pytest.approx(256.0)
+    # Sub-linear growth at small sizes (fixed overheads) is not trusted: at least linear.
+    assert bench.extrapolate([(100, 1.0), (400, 1.5)], 1600) == pytest.approx(6.0)
+    assert bench.extrapolate([(100, 2.0)], 300) == pytest.approx(6.0)
+
+
+# ----------------------------------------------------------------------------- memory meter
+
+
+def test_memory_meter_sees_a_transient_allocation_of_known_size() -> None:
+    meter = bench.MemoryMeter("cpu")
+    if meter.method == "unavailable":
+        pytest.skip("no way to read this process's memory on this platform")
+    size = 96 * MIB
+    with meter.track() as usage:
+        t = torch.ones(size // 4)  # written, so resident
+        del t  # freed before the end: only a peak tracker can see it
+        if meter.method == "rss-sampling-1ms":
+            time.sleep(0.05)
+    assert usage.extra_bytes == pytest.approx(size, abs=8 * MIB)
+    with meter.track() as idle:
+        pass
+    assert idle.extra_bytes is not None and idle.extra_bytes < 4 * MIB
+
+
+def test_memory_meter_sampling_fallback_sees_a_held_allocation() -> None:
+    meter = bench.MemoryMeter("cpu")
+    if meter.method == "unavailable":
+        pytest.skip("no way to read this process's memory on this platform")
+    meter.method = "rss-sampling-1ms"
+    size = 64 * MIB
+    with meter.track() as usage:
+        t = torch.ones(size // 4)
+        time.sleep(0.05)
+        del t
+    assert usage.extra_bytes == pytest.approx(size, abs=8 * MIB)
+
+
+def test_measure_reports_every_run_and_the_peak() -> None:
+    calls = []
+
+    def fn() -> None:
+        calls.append(torch.ones(32 * MIB // 4).sum())
+
+    timing = bench.measure(fn, repeat=3, warmup=2)
+    assert len(calls) == 5 and len(timing.times_s) == 3
+    assert timing.median_s == sorted(timing.times_s)[1]
+    if timing.extra_bytes is not None:
+        assert timing.extra_bytes == pytest.approx(32 * MIB, abs=8 * MIB)
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+def test_tiny_run_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    name = _block()
+    out = tmp_path / "b.json"
+    status = main(["bench", "--blocks", name, "--sizes", "8", "--repeat", "1", "--channels",
+                   "16", "--device", "cpu", "--json", str(out), "--quiet"])
+    assert status == 0
+    report = json.loads(out.read_text())
+    assert report["schema"] == bench.SCHEMA_VERSION
+    env = report["environment"]
+    for key in ("device", "device_name", "torch", "threads", "memory_method", "created"):
+        assert key in env
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+    assert isinstance(env["threads"], int) and env["threads"] >= 1
+    assert report["settings"]["sizes"] == [8] and report["settings"]["repeat"] == 1
+    rows = report["rows"]
+    assert [(r["name"], r["mode"]) for r in rows] == [(name, "infer"), (name, "train")]
+    for r in rows:
+        assert r["status"] == "ok", r["note"]
+        assert r["kind"] == "block" and r["size"] == 8 and r["positions"] == 64
+        assert r["channels"] == 16 and r["input_bytes"] == 16 * 64 * 4
+        assert len(r["times_s"]) == 1 and r["times_s"][0] > 0
+        assert r["median_s"] == r["min_s"] == r["times_s"][0]
+        assert len(r["cpu_times_s"]) == 1 and r["cpu_median_s"] == r["cpu_times_s"][0]
+        assert r["parameters"] > 0
+        if env["memory_method"] != "unavailable":
+            assert r["peak_bytes"] >= r["extra_bytes"] >= 0
+    assert report["fits"] == []  # one size: no exponent
+    assert "positions" in capsys.readouterr().out
+
+
+def test_sizes_beyond_the_limits_are_skipped_with_a_note() -> None:
+    settings = bench.Settings(blocks=[_block()], sizes=[16, 8], channels=8, modes=["infer"],
+                              repeat=1, max_seconds=1e-9)
+    report = bench.run_suite(settings)
+    first, second = report.rows
+    assert (first.size, first.status) == (8, "ok")
+    assert (second.size, second.status) == (16, "skipped")
+    assert "--max-seconds" in second.note and second.times_s == []
+
+
+def test_fits_come_from_the_measured_rows() -> None:
+    rows = [bench.Row("block", "x", s, s * s, 8, "infer", "ok", median_s=1e-6 * (s * s) ** 1.5,
+                      extra_bytes=1000 * s * s) for s in (48, 96, 192)]
+    fits = {f.metric: f for f in bench.fit_rows(rows, (96, 384))}
+    assert fits["time"].exponent == pytest.approx(1.5)
+    assert fits["memory"].exponent == pytest.approx(1.0)
+    assert fits["time"].sizes == [96, 192]
+
+
+def test_dense_attention_can_replace_a_networks_own() -> None:
+    from nlsr.models import available
+
+    if "lcoan" not in available() or "nla" not in available_attention():
+        pytest.skip("needs the lcoan network and the nla block")
+    model = bench.build_model("lcoan+nla", scale=2, config="small")
+    names = {type(m).__name__ for m in model.modules()}
+    assert "LCoA" not in names
+    adapters = [m for m in model.modules() if isinstance(m, bench.SharedPatternAdapter)]
+    assert len(adapters) == bench.SMALL_CONFIGS["lcoan"]["n_resgroups"]
+    with torch.inference_mode():
+        assert model.eval()(torch.rand(1, 3, 10, 12)).shape == (1, 3, 20, 24)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--blocks", "nosuch"], "--blocks"),
+        (["--models", "nosuch"], "--models"),
+        (["--sizes", "8,x"], "--sizes"),
+        (["--mode", "fast"], "--mode"),
+        (["--max-memory", "lots"], "--max-memory"),
+        (["--fit-range", "384,96"], "--fit-range"),
+    ],
+)
+def test_bad_options_fail_with_a_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _block()
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parse_bytes() -> None:
+    assert bench.parse_bytes("4G") == 4 * 2**30
+    assert bench.parse_bytes("512MiB") == 512 * MIB
+    assert bench.parse_bytes("1000") == 1000
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("matplotlib is installed")
+    out = tmp_path / "p.png"
+    status = main(["bench", "--blocks", _block(), "--sizes", "8", "--plot", str(out)])
+    assert status == 2
+    assert "nlsr[bench]" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "p.png"
+    status = main(["bench", "--blocks", _block(), "--sizes", "8,12", "--repeat", "1",
+                   "--channels", "8", "--quiet", "--plot", str(out)])
+    assert status == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""Make ``src/nlsr/data/sample.png``: a procedural 256x256 RGB test card for ``nlsr upscale``.
+"""Make ``src/nlsr/assets/sample.png``: a procedural 256x256 RGB test card for ``nlsr upscale``.
 
 Four quadrants with the structures super-resolution is judged on: a zone plate (every spatial
 frequency up to Nyquist), checkerboards and stripes of several periods and angles, smooth
@@ -16,7 +16,7 @@ from nlsr.io import write_image
 
 SIZE = 256
 HALF = SIZE // 2
-OUT = Path(__file__).resolve().parents[1] / "src" / "nlsr" / "data" / "sample.png"
+OUT = Path(__file__).resolve().parents[1] / "src" / "nlsr" / "assets" / "sample.png"
 
 
 def zone_plate(n: int) -> np.ndarray:

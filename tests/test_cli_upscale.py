@@ -121,9 +121,10 @@ def test_folder_with_bad_files(
     assert ihdr(out / "deep.png") == (20, 14, 16, 2)
     deep = read_image(out / "deep.png")
     assert deep.pixels.dtype == np.uint16 and deep.alpha is None
-    # the bicubic model works on 8-bit values: a 16-bit input is rounded to 8 bits first
-    expected = imresize(np.floor(mixed["deep.png"] / 257 + 0.5).astype(np.uint8), 2)
-    assert np.array_equal(deep.pixels, expected.astype(np.uint16) * 257)
+    # 16-bit input is resized at full precision (float32 transport: at most 1 level off)
+    exact = np.clip(imresize(mixed["deep.png"] / 65535, 2), 0, 1) * 65535
+    assert np.abs(deep.pixels - exact).max() <= 1
+    assert np.any(deep.pixels % 257)  # not merely 8-bit values scaled up
     with PILImage.open(out / "cmyk.jpg") as jpg:
         assert jpg.mode == "RGB" and jpg.size == (32, 32)
         diff = np.asarray(jpg).astype(int) - imresize(mixed["cmyk.jpg"], 2)
@@ -218,7 +219,7 @@ def test_weights_tiles_and_self_ensemble(tmp_path: Path) -> None:
 
 
 def test_bundled_sample_in_a_fresh_process(tmp_path: Path) -> None:
-    sample = resources.files("nlsr") / "data" / "sample.png"
+    sample = resources.files("nlsr") / "assets" / "sample.png"
     with resources.as_file(sample) as path:
         image = read_image(path)
         assert image.pixels.shape == (256, 256, 3) and not image.grayscale and image.alpha is None

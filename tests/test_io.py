@@ -113,6 +113,7 @@ def test_lossless_8bit_round_trip(tmp_path: Path, ext: str, channels: int) -> No
     c = max(channels, 1)
     colour = a.reshape(13, 17, -1)[:, :, : 3 if c >= 3 else 1]
     assert im.pixels.dtype == np.uint8 and im.pixels.shape == (13, 17, 3)
+    assert im.pixels.flags.writeable
     assert np.array_equal(im.pixels, np.broadcast_to(colour, (13, 17, 3)))
     if ext != ".webp":  # WebP has no grey mode: grey comes back as equal RGB channels
         assert im.grayscale == (c <= 2)

@@ -81,6 +81,11 @@ def _raw(image_dir: Path, run_dir: Path, **sections: dict) -> dict:
     return raw
 
 
+def _events(run_dir: Path, event: str) -> list[dict]:
+    lines = (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
 def _write_config(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
@@ -443,11 +448,7 @@ def test_sigkill_sigint_and_resume_end_bitwise_equal(tmp_path: Path, image_dir: 
     for k, v in ca["optimizer"]["state"].items():
         assert torch.equal(v["exp_avg_sq"], cb["optimizer"]["state"][k]["exp_avg_sq"])
     assert ca["scheduler"] == cb["scheduler"] and ca["scheduler"]["_last_lr"] == [1e-3 * 0.5]
-    steps = [
-        r["step"]
-        for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
-        if r["event"] == "train"
-    ]
+    steps = [r["step"] for r in _events(run, "train")]
     assert steps == [2, 4, 6, 8, 10, 12]  # records of the lost steps were pruned on resume
     with pytest.raises(ConfigError, match="already holds a run"):
         train(parse_config(_raw(image_dir, run)))
@@ -472,11 +473,7 @@ def test_loss_decreases_and_exports_carry_provenance(tmp_path: Path, image_dir: 
         optim={"lr": 2e-3, "milestones": [40], "ema": None, "grad_clip": None},
     )
     result = train(parse_config(raw))
-    losses = [
-        r["loss"]
-        for r in map(json.loads, (result.run_dir / "log.jsonl").read_text().splitlines())
-        if r["event"] == "train"
-    ]
+    losses = [r["loss"] for r in _events(result.run_dir, "train")]
     assert len(losses) == 6 and losses[-1] < 0.5 * losses[0], losses
     assert result.ema is None and result.best is None
     with safe_open(result.final, "pt") as f:
@@ -525,3 +522,37 @@ def test_finetune_loads_everything_but_the_upsampler(tmp_path: Path, image_dir: 
     )
     with pytest.raises(ConfigError, match=r"train\.warm_start"):
         _load_initial_weights(create("edsr", 3, **TINY), warm)
+
+
+def test_validation_tracks_the_best_weights(tmp_path: Path, image_dir: Path) -> None:
+    from nlsr.checkpoint import load
+    from nlsr.evaluate import evaluate
+
+    rng = np.random.default_rng(1)
+    bench = tmp_path / "bench"
+    for name, n in (("Set5", 3), ("Tiny", 2)):
+        for i in range(n):
+            _write_png(bench / name / "HR" / f"{name}{i}.png", _smooth_image(rng, 30, 26))
+    raw = _raw(
+        image_dir,
+        tmp_path / "run",
+        train={"iterations": 20, "log_every": 5, "checkpoint_every": 10, "deterministic": False},
+        val={"every": 5, "sets": ["Set5", "Tiny"], "data_root": str(bench), "max_images": 2},
+        optim={"lr": 2e-3, "ema": 0.5},
+    )
+    result = train(parse_config(raw))
+    vals = _events(result.run_dir, "val")
+    assert [v["step"] for v in vals] == [5, 10, 15, 20]
+    assert all(v["weights"] == "ema" and set(v["sets"]) == {"Set5", "Tiny"} for v in vals)
+    best = max(vals, key=lambda v: v["mean_psnr"])
+    assert result.best_psnr == best["mean_psnr"] and best["best"]
+    assert sorted(p.name for p in (result.run_dir / "val_subset" / "Set5" / "HR").iterdir()) == [
+        "Set50.png",
+        "Set51.png",
+    ]
+    # the exported best weights reproduce the logged score on the first 2 images of the set
+    with torch.no_grad():
+        again = evaluate(load(result.best), "Set5", 2, data_root=result.run_dir / "val_subset")
+    assert again.psnr == pytest.approx(best["sets"]["Set5"]["psnr"], abs=1e-6)
+    full = evaluate(load(result.best), "Set5", 2, data_root=bench)
+    assert len(full.per_image) == 3 and len(again.per_image) == 2

@@ -85,7 +85,7 @@ def to_array(t: torch.Tensor, dtype: DTypeLike = np.uint8) -> np.ndarray:
         t = t[0]
     if t.dim() != 3:
         raise ValueError(f"to_array: expected (1, C, H, W) or (C, H, W), got {tuple(t.shape)}")
-    q = t.detach().to("cpu", torch.float32).clamp(0, 1).mul(_INT_MAX[dt]).round()
+    q = t.detach().to("cpu", torch.float32).clamp(0, 1).mul_(_INT_MAX[dt]).round_()
     return q.permute(1, 2, 0).numpy().astype(dt)
 
 
@@ -152,7 +152,10 @@ def forward(
                         y = run(x)
                         bar.update(1)
                     y = _inverse(y, k).to(lr.device)
-                    total = y if total is None else total.add_(y)
+                    if total is None:  # own copy: the output may alias a model's buffers
+                        total = y.clone() if self_ensemble else y
+                    else:
+                        total.add_(y)
                 assert total is not None
                 return total.div_(len(variants)) if self_ensemble else total
     finally:

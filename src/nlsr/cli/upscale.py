@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         _check_options(args)
         jobs, failures = _plan(args.inputs, Path(args.output), args.suffix)
         model, device = _load_model(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"nlsr upscale: error: {e}", file=sys.stderr)
         return 2
     for spec, reason in failures:
@@ -106,10 +106,14 @@ def run(args: argparse.Namespace) -> int:
             )
             job.target.parent.mkdir(parents=True, exist_ok=True)
             write_image(job.target, result, overwrite=args.overwrite)
+        except MemoryError:
+            _report(job.source, "out of memory; try --tile 256")
+            failed += 1
+            continue
         except (ValueError, OSError, RuntimeError) as e:
             reason = str(e)
             if isinstance(e, RuntimeError) and "out of memory" in reason:
-                reason = f"out of memory; try --tile 256 ({reason.splitlines()[0]})"
+                reason = f"out of memory; try --tile 256 ({reason})"
             _report(job.source, reason)
             failed += 1
             continue
@@ -129,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
 def _report(path: Path | str, reason: str) -> None:
     """One line on stderr: the path, then why it failed (without repeating the path)."""
     prefix = f"{path}: "
+    reason = " ".join(reason.splitlines())
     print(reason if reason.startswith(prefix) else prefix + reason, file=sys.stderr)
 
 

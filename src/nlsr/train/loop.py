@@ -180,7 +180,8 @@ def _torch_settings(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(prev_threads)
-        torch.use_deterministic_algorithms(prev_det)
+        if torch.are_deterministic_algorithms_enabled() != prev_det:  # the call is costly
+            torch.use_deterministic_algorithms(prev_det)
         torch.backends.cudnn.benchmark = prev_bench
         torch.backends.cudnn.deterministic = prev_cudnn_det
 

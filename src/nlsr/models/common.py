@@ -78,3 +78,46 @@ def pad_to_multiple(
         return x, h, w
     mode = "reflect" if ph < h and pw < w else "replicate"
     return F.pad(x, (0, pw, 0, ph), mode=mode), h, w
+
+
+def attention_positions(count: int, attention: str | None, every: int | None) -> set[int]:
+    """Indices of the body units (blocks or groups) that an optional attention block precedes:
+    every ``every``-th unit from the first, or one in the middle when ``every`` is None."""
+    if attention is None:
+        return set()
+    if every is not None:
+        if every < 1:
+            raise ValueError(f"attention_every must be >= 1, got {every}")
+        return set(range(0, count, every))
+    return {count // 2}
+
+
+class ResidualSR(nn.Module):
+    """The EDSR-family scaffold: mean shift, head conv, ``body`` units + conv with a global skip,
+    and a sub-pixel tail. Networks differ only in their body units; key names are the authors'."""
+
+    def __init__(
+        self,
+        scale: int,
+        n_feats: int,
+        units: list[nn.Module],
+        *,
+        rgb_range: float = 1.0,
+        n_colors: int = 3,
+        chop_min_size: int = 120000,
+    ):
+        super().__init__()
+        self.scale = scale
+        self.rgb_range = rgb_range
+        #: The authors' chop threshold (LR pixels) for whole-image reproduction.
+        self.chop_min_size = chop_min_size
+        self.sub_mean = MeanShift(rgb_range, -1)
+        self.add_mean = MeanShift(rgb_range, +1)
+        self.head = nn.Sequential(default_conv(n_colors, n_feats, 3))
+        self.body = nn.Sequential(*units, default_conv(n_feats, n_feats, 3))
+        self.tail = nn.Sequential(Upsampler(scale, n_feats), default_conv(n_feats, n_colors, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.sub_mean(x))
+        x = self.body(x) + x
+        return self.add_mean(self.tail(x))

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from nlsr.attention.gla import GlobalLearnableAttention
-from nlsr.models.common import MeanShift, ResBlock, Upsampler, default_conv
+from nlsr.models.common import ResBlock, ResidualSR, default_conv
 from nlsr.models.registry import register
 
 
@@ -45,7 +45,7 @@ class GLAFFM(nn.Module):
 
 
 @register("dlsn", "DLSN: global learnable attention (GLA) with super-bit LSH")
-class DLSN(nn.Module):
+class DLSN(ResidualSR):
     """DLSN: ``n_resgroups`` GLAFFM groups, a trunk conv and a sub-pixel tail; key names equal the
     released state dict, including the unused scalar parameter ``a``."""
 
@@ -63,23 +63,10 @@ class DLSN(nn.Module):
         n_colors: int = 3,
         super_bit: bool = False,
     ):
-        super().__init__()
-        self.a = nn.Parameter(torch.zeros(1))
-        self.scale = scale
-        self.rgb_range = rgb_range
-        self.chop_min_size = 120000
-        self.sub_mean = MeanShift(rgb_range, -1)
-        self.add_mean = MeanShift(rgb_range, +1)
-        self.head = nn.Sequential(default_conv(n_colors, n_feats, 3))
-        body: list[nn.Module] = [
+        units: list[nn.Module] = [
             GLAFFM(n_feats, n_resblocks, reduction, chunk_size, n_hashes, res_scale, super_bit)
             for _ in range(n_resgroups)
         ]
-        body.append(default_conv(n_feats, n_feats, 3))
-        self.body = nn.Sequential(*body)
-        self.tail = nn.Sequential(Upsampler(scale, n_feats), default_conv(n_feats, n_colors, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.head(self.sub_mean(x))
-        x = self.body(x) + x
-        return self.add_mean(self.tail(x))
+        super().__init__(scale, n_feats, units, rgb_range=rgb_range, n_colors=n_colors)
+        # Unused scalar parameter present in the released checkpoints.
+        self.a = nn.Parameter(torch.zeros(1))

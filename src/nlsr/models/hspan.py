@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from nlsr.attention.hspa import HSPA
-from nlsr.models.common import MeanShift, ResBlock, Upsampler, default_conv
+from nlsr.models.common import ResBlock, ResidualSR, default_conv
 from nlsr.models.registry import register
 
 
@@ -38,16 +38,13 @@ class HSPAM(nn.Module):
 
 
 @register("hspan")
-class HSPAN(nn.Module):
+class HSPAN(ResidualSR):
     """HSPAN: head conv, ``n_resgroups`` HSPAMs and a conv (global skip), sub-pixel tail.
 
     Paper defaults (10 x 4 blocks, 192 channels) give 32.29M parameters at x2. ``topk`` only
     speeds up the sparsemax search; ``block_size`` (queries per attention block, automatic when
     None) bounds memory. Any H, W >= 1 works; no padding is needed.
     """
-
-    #: The authors' chop threshold (pixels) for whole-image inference.
-    chop_min_size = 120000
 
     def __init__(
         self,
@@ -62,23 +59,10 @@ class HSPAN(nn.Module):
         n_colors: int = 3,
         block_size: int | None = None,
     ):
-        super().__init__()
-        self.scale = scale
-        self.rgb_range = rgb_range
-        # Unused scalar parameter present in the released checkpoints.
-        self.a = nn.Parameter(torch.zeros(1))
-        self.sub_mean = MeanShift(rgb_range, -1)
-        self.add_mean = MeanShift(rgb_range, +1)
-        self.head = nn.Sequential(default_conv(n_colors, n_feats, 3))
-        groups: list[nn.Module] = [
+        units: list[nn.Module] = [
             HSPAM(n_feats, n_resblocks, reduction, topk, res_scale, block_size)
             for _ in range(n_resgroups)
         ]
-        groups.append(default_conv(n_feats, n_feats, 3))
-        self.body = nn.Sequential(*groups)
-        self.tail = nn.Sequential(Upsampler(scale, n_feats), default_conv(n_feats, n_colors, 3))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.head(self.sub_mean(x))
-        x = self.body(x) + x
-        return self.add_mean(self.tail(x))
+        super().__init__(scale, n_feats, units, rgb_range=rgb_range, n_colors=n_colors)
+        # Unused scalar parameter present in the released checkpoints.
+        self.a = nn.Parameter(torch.zeros(1))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from nlsr.attention import create_attention
-from nlsr.models.common import MeanShift, Upsampler, default_conv
+from nlsr.models.common import ResidualSR, attention_positions, default_conv
 from nlsr.models.registry import register
 
 
@@ -75,7 +75,7 @@ class ResidualGroup(nn.Module):
 @register(
     "rcan", "RCAN: residual groups of channel-attention blocks (optionally with an attention block)"
 )
-class RCAN(nn.Module):
+class RCAN(ResidualSR):
     """RCAN; ``attention`` names a block from ``nlsr.attention`` placed before every
     ``attention_every``-th residual group (default: once, before the middle group)."""
 
@@ -92,36 +92,17 @@ class RCAN(nn.Module):
         attention_every: int | None = None,
         attention_options: dict[str, Any] | None = None,
     ):
-        super().__init__()
         if n_resgroups < 1 or n_resblocks < 0 or n_feats < 1:
             raise ValueError(
                 f"rcan: need n_resgroups >= 1, n_resblocks >= 0 and n_feats >= 1, got "
                 f"{n_resgroups}, {n_resblocks}, {n_feats}"
             )
-        if attention_every is not None and attention_every < 1:
-            raise ValueError(f"rcan: attention_every must be >= 1, got {attention_every}")
-        self.scale = scale
-        self.rgb_range = rgb_range
-        self.chop_min_size = 160000
-        self.sub_mean = MeanShift(rgb_range, -1)
-        self.add_mean = MeanShift(rgb_range, +1)
-        self.head = nn.Sequential(default_conv(n_colors, n_feats, 3))
-        if attention is None:
-            at: set[int] = set()
-        elif attention_every:
-            at = set(range(0, n_resgroups, attention_every))
-        else:
-            at = {n_resgroups // 2}
-        body: list[nn.Module] = []
+        at = attention_positions(n_resgroups, attention, attention_every)
+        units: list[nn.Module] = []
         for g in range(n_resgroups):
             if g in at:
-                body.append(create_attention(attention, n_feats, **(attention_options or {})))
-            body.append(ResidualGroup(n_feats, reduction, n_resblocks))
-        body.append(default_conv(n_feats, n_feats, 3))
-        self.body = nn.Sequential(*body)
-        self.tail = nn.Sequential(Upsampler(scale, n_feats), default_conv(n_feats, n_colors, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.head(self.sub_mean(x))
-        x = self.body(x) + x
-        return self.add_mean(self.tail(x))
+                units.append(create_attention(attention, n_feats, **(attention_options or {})))
+            units.append(ResidualGroup(n_feats, reduction, n_resblocks))
+        super().__init__(
+            scale, n_feats, units, rgb_range=rgb_range, n_colors=n_colors, chop_min_size=160000
+        )

@@ -16,7 +16,7 @@ from torch import nn
 
 from nlsr.cli import main
 from nlsr.data import BENCHMARKS, DatasetError, benchmark_images, resolve_data_root
-from nlsr.evaluate import EvalResult, evaluate
+from nlsr.evaluation import EvalResult, evaluate
 from nlsr.metrics import psnr, ssim
 from nlsr.models import create
 from nlsr.resize import degrade, imresize, modcrop
@@ -181,7 +181,7 @@ def test_evaluate_rejects_bad_arguments(toy_root: Path) -> None:
 
 
 def test_eval_result_to_dict_layout() -> None:
-    from nlsr.evaluate import ImageScore
+    from nlsr.evaluation import ImageScore
 
     r = EvalResult("bicubic", "Set5", 2, "BI", 33.0, 0.9, [ImageScore("baby", 34.0, 0.95)])
     assert r.to_dict() == {

@@ -19,7 +19,7 @@ _EXPORTS = {
     "read_image": "nlsr.io",
     "write_image": "nlsr.io",
     "upscale": "nlsr.inference",
-    "evaluate": "nlsr.evaluate",
+    "evaluate": "nlsr.evaluation",
     "load": "nlsr.checkpoint",
     "save": "nlsr.checkpoint",
 }

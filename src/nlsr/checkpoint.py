@@ -378,8 +378,11 @@ def _read_csnln(sd: Mapping[str, Tensor]) -> tuple[int, dict[str, Any]]:
     width_key = "SEM.multi_source_projection.up_attention.conv_assembly.0.weight"
     width = int(_need(sd, width_key, "csnln").shape[0])
     if width != n_feats:
-        # The released code hard-codes a 128-channel attention whatever n_feats is.
-        options["attention_channel"] = width
+        # The released code hard-codes 128 attention channels, so only n_feats = 128 models run.
+        raise CheckpointError(
+            f"csnln attention width {width} differs from n_feats {n_feats}; no CSNLN (released or "
+            "nlsr) computes with such weights"
+        )
     return scales[(kernel, two_stage)], options
 
 

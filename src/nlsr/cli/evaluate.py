@@ -49,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         metavar="NAME",
-        help="architecture (default: bicubic; with --weights: detected from the file)",
+        help="shipped pretrained model or architecture (default: the shipped model for each "
+        "scale, else bicubic; with --weights: detected from the file)",
     )
     p.add_argument("--weights", type=Path, metavar="FILE", help="checkpoint to evaluate")
     p.add_argument(
@@ -135,8 +136,18 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def _models(args: argparse.Namespace) -> dict[int, Any]:
-    """Per scale, the model to evaluate: a loaded checkpoint or the string ``"bicubic"``."""
+    """Per scale, the model to evaluate: a loaded checkpoint, shipped pretrained weights or the
+    string ``"bicubic"``; without --model and --weights, the shipped model of each scale."""
+    from nlsr.pretrained import available_pretrained, default_model, load_pretrained
+
     name = args.model
+    if name is None and args.weights is None:
+        defaults = {s: default_model(s) for s in args.scale}
+        return {s: "bicubic" if n is None else load_pretrained(n, s) for s, n in defaults.items()}
+    if name is not None and name in available_pretrained():
+        if args.weights is not None:
+            raise ValueError(f"--model {name}: a shipped pretrained model; drop --weights")
+        return {s: load_pretrained(name, s) for s in args.scale}
     if name in (None, "bicubic"):
         if args.weights is None:
             return dict.fromkeys(args.scale, "bicubic")
@@ -145,18 +156,36 @@ def _models(args: argparse.Namespace) -> dict[int, Any]:
     from nlsr.models import available
 
     if name is not None and name not in available():
-        raise ValueError(f"--model {name!r}: unknown model; available: {', '.join(available())}")
+        known = ", ".join(available_pretrained() + available())
+        raise ValueError(f"--model {name!r}: unknown model; available: {known}")
     if args.weights is None:
-        raise ValueError(f"no pretrained weights for {name} yet; pass --weights FILE")
+        best = {s: default_model(s, arch=name) for s in args.scale}
+        missing = [f"x{s}" for s, n in best.items() if n is None]
+        if missing:
+            which = "" if len(missing) == len(best) else f" at {', '.join(missing)}"
+            raise ValueError(f"no pretrained weights for {name}{which} yet; pass --weights FILE")
+        return {s: load_pretrained(n, s) for s, n in best.items()}
     from nlsr.checkpoint import load
 
     return {s: load(args.weights, arch=name, scale=s) for s in args.scale}
 
 
-def _label(models: dict[int, Any], weights: Path | None) -> str:
-    """``bicubic`` or ``<arch> (<weights file>)`` for the table's title line."""
+def _label(models: dict[int, Any], weights: Path | None, defaulted: bool = False) -> str:
+    """``bicubic``, ``<shipped name> x<s> (shipped pretrained weights)`` or ``<arch> (<weights
+    file>)`` for the table's title line; ``defaulted``: no --model given, say what was picked."""
     if weights is None:
-        return "bicubic"
+        groups: dict[str, list[int]] = {}
+        for scale, model in models.items():
+            groups.setdefault(getattr(model, "nlsr_pretrained", "bicubic"), []).append(scale)
+        parts = []
+        for name, scales in groups.items():
+            xs = ", ".join(f"x{s}" for s in scales)
+            if name != "bicubic":
+                parts.append(f"{name} {xs} (shipped pretrained weights)")
+            else:
+                shipped = f" (no pretrained model is shipped for {xs})" if defaulted else ""
+                parts.append(f"bicubic{shipped}")
+        return "; ".join(parts)
     config = getattr(next(iter(models.values())), "nlsr_config", None)
     arch = config.get("arch") if isinstance(config, dict) else None
     return f"{arch or 'model'} ({weights})"
@@ -167,7 +196,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
+            json.dump(payload, f, indent=2, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -177,7 +206,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from nlsr.data import benchmark_images
-    from nlsr.evaluate import evaluate
+    from nlsr.evaluation import evaluate
 
     _check_options(args)
     for name in args.data:
@@ -186,7 +215,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     deg = args.degradation
     if deg == "DN":
         deg = f"DN {args.noise_sigma:g}"
-    print(f"model: {_label(models, args.weights)}")
+    print(f"model: {_label(models, args.weights, args.model is None)}")
     print(_ROW.format("set", "scale", "degr.", "PSNR (dB)", "SSIM", "images", "time (s)"))
     results = []
     for name in args.data:

@@ -85,6 +85,11 @@ def attention_positions(count: int, attention: str | None, every: int | None) ->
     every ``every``-th unit from the first, or one in the middle when ``every`` is None."""
     if attention is None:
         return set()
+    if attention == "csna":
+        raise ValueError(
+            "attention 'csna' upsamples its input (cross-scale), so it cannot sit inside a "
+            "backbone's body; use the csnln network"
+        )
     if every is not None:
         if every < 1:
             raise ValueError(f"attention_every must be >= 1, got {every}")
@@ -107,6 +112,8 @@ class ResidualSR(nn.Module):
         chop_min_size: int = 120000,
     ):
         super().__init__()
+        if n_colors != 3:
+            raise ValueError(f"n_colors must be 3 (the RGB mean shift), got {n_colors}")
         self.scale = scale
         self.rgb_range = rgb_range
         #: The authors' chop threshold (LR pixels) for whole-image reproduction.

@@ -1,4 +1,4 @@
-"""HSPAN (Xia et al., 2023): EDSR-style residual groups, each closed by high-similarity-pass
+"""HSPAN (Su et al.): EDSR-style residual groups, each closed by high-similarity-pass
 attention (sparsemax non-local attention). Key names equal the released checkpoints'."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class HSPAM(nn.Module):
         return self.body(x).mul(self.res_scale) + x
 
 
-@register("hspan")
+@register("hspan", "HSPAN: high-similarity-pass attention (sparsemax)")
 class HSPAN(ResidualSR):
     """HSPAN: head conv, ``n_resgroups`` HSPAMs and a conv (global skip), sub-pixel tail.
 

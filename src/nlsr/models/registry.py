@@ -68,12 +68,30 @@ def _check(name: str) -> str:
     return name
 
 
-def create(name: str, scale: int = 2, **options: Any) -> nn.Module:
+def create(name: str, scale: int = 2, *, pretrained: bool = False, **options: Any) -> nn.Module:
     """Build model ``name`` for upscaling factor ``scale``; ``options`` override its defaults.
 
     The returned module carries ``nlsr_config = {"arch", "scale", "options"}`` so that it can be
-    saved in nlsr's own format and rebuilt identically.
+    saved in nlsr's own format and rebuilt identically. ``pretrained=True`` returns the weights
+    shipped with nlsr instead (eval mode): ``name`` is a shipped model (``nlsr models``) or an
+    architecture, meaning its best shipped model for ``scale``; the shipped model fixes the options.
     """
+    if pretrained:
+        if options:
+            raise ValueError(
+                f"create({name!r}, pretrained=True): options ({', '.join(sorted(options))}) "
+                "cannot be changed on shipped weights; build without pretrained=True"
+            )
+        from nlsr.pretrained import load_pretrained
+
+        return load_pretrained(name, scale)
+    if name not in available():
+        from nlsr.pretrained import available_pretrained
+
+        if name in available_pretrained():
+            raise KeyError(
+                f"{name!r} is a pretrained model: use create({name!r}, scale, pretrained=True)"
+            )
     model = _MODELS[_check(name)](scale=scale, **options)
     model.nlsr_config = {"arch": name, "scale": scale, "options": dict(options)}
     return model

@@ -46,18 +46,29 @@ class EvalResult:
     psnr: float
     ssim: float
     per_image: list[ImageScore] = field(default_factory=list)
+    #: How the scores were obtained (noise_sigma, official_lr, chop, self_ensemble, tile).
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready layout: the fields above, ``per_image`` as a list of dicts."""
+        """Strict-JSON layout: the fields above, ``per_image`` as a list of dicts; an infinite
+        PSNR (identical images) becomes ``null``."""
         return {
             "model": self.model,
             "dataset": self.dataset,
             "scale": self.scale,
             "degradation": self.degradation,
-            "psnr": self.psnr,
+            **self.settings,
+            "psnr": _finite(self.psnr),
             "ssim": self.ssim,
-            "per_image": [{"name": s.name, "psnr": s.psnr, "ssim": s.ssim} for s in self.per_image],
+            "per_image": [
+                {"name": s.name, "psnr": _finite(s.psnr), "ssim": s.ssim} for s in self.per_image
+            ],
         }
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or None where JSON has no number for it (inf)."""
+    return value if math.isfinite(value) else None
 
 
 def _model_for(model: nn.Module | str, scale: int) -> tuple[nn.Module, str]:
@@ -174,4 +185,11 @@ def evaluate(
         psnr=math.fsum(s.psnr for s in scores) / len(scores),
         ssim=math.fsum(s.ssim for s in scores) / len(scores),
         per_image=scores,
+        settings={
+            "noise_sigma": noise_sigma,
+            "official_lr": official_lr,
+            "chop": chop,
+            "self_ensemble": self_ensemble,
+            "tile": tile,
+        },
     )

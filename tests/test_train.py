@@ -161,6 +161,7 @@ def test_toml_is_the_same_schema(tmp_path: Path, image_dir: Path) -> None:
         ("model.arch=edsrr", ["model.arch", "did you mean 'edsr'"]),
         ("model.n_feat=4", ["model.options.n_feat", "did you mean 'n_feats'", "allowed:"]),
         ("train.device=gpu", ["train.device", "auto, cpu, cuda"]),
+        ("train.device=cuda:x", ["train.device", "cuda:N"]),
         ("data.train_dirs=[]", ["data.train_dirs", "at least one"]),
         ("train.iterations", ["must look like key=value"]),
         ("data.lr_dirs=[a, b]", ["data.lr_dirs", "one LR folder per"]),
@@ -193,15 +194,25 @@ def test_docs_and_shipped_configs_follow_the_schema() -> None:
     doc = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
     missing = [k for k in all_keys() if f"`{k}`" not in doc]
     assert not missing, f"docs/training.md does not document {missing}"
-    configs = sorted((REPO / "configs").rglob("*.yaml"))
-    archs = {load_config(p).model.arch for p in configs}
-    assert {"edsr", "rcan", "nlsn", "dlsn", "hspan", "lcoan", "csnln"} <= archs
-    for p in configs:
-        cfg = load_config(p)
-        if "compact" not in p.parts:  # the published recipe
-            assert (cfg.data.batch_size, cfg.data.patch_size) == (16, 48 * cfg.model.scale), p
-            assert (cfg.optim.lr, cfg.optim.gamma, cfg.train.iterations) == (1e-4, 0.5, 1_000_000)
-            assert cfg.optim.milestones == [200_000, 400_000, 600_000, 800_000], p
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        load_config(path)  # every shipped config is valid
+    recipes = {p.stem: load_config(p) for p in sorted((REPO / "configs").glob("*_x2.yaml"))}
+    assert {c.model.arch for c in recipes.values()} >= {
+        "edsr",
+        "rcan",
+        "nlsn",
+        "dlsn",
+        "hspan",
+        "lcoan",
+        "csnln",
+    }
+    for name, cfg in recipes.items():  # the published recipe
+        assert (cfg.data.batch_size, cfg.data.patch_size) == (16, 48 * cfg.model.scale), name
+        assert (cfg.optim.lr, cfg.optim.gamma, cfg.train.iterations) == (1e-4, 0.5, 1_000_000)
+        assert cfg.optim.milestones == [200_000, 400_000, 600_000, 800_000], name
+    tiny = load_config(REPO / "configs" / "compact" / "edsr_tiny_x2.yaml")
+    assert (tiny.model.options["n_resblocks"], tiny.model.options["n_feats"]) == (8, 32)
+    assert tiny.train.iterations == 2000 and tiny.train.checkpoint_every == 200
 
 
 def test_cli_print_config_and_error_exit(tmp_path: Path, image_dir: Path, capsys) -> None:
@@ -526,7 +537,7 @@ def test_finetune_loads_everything_but_the_upsampler(tmp_path: Path, image_dir: 
 
 def test_validation_tracks_the_best_weights(tmp_path: Path, image_dir: Path) -> None:
     from nlsr.checkpoint import load
-    from nlsr.evaluate import evaluate
+    from nlsr.evaluation import evaluate
 
     rng = np.random.default_rng(1)
     bench = tmp_path / "bench"

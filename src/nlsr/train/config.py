@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -318,19 +318,9 @@ def _check_range(ok: bool, key: str, message: str, value: Any, source: str) -> N
         raise ConfigError(f"{source}: {key}: {message}, got {value!r}")
 
 
-def _model_options(arch: str) -> list[str] | None:
-    """Constructor keyword names of a registered model (None when it takes ``**kwargs``)."""
-    from nlsr.models import registry
-
-    factory = registry._MODELS[arch]  # the registry exposes no public accessor for the factory
-    params = inspect.signature(factory).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return [p.name for p in params if p.name != "scale"]
-
-
 def _validate(cfg: TrainConfig, source: str) -> None:
     from nlsr.models import available
+    from nlsr.models.registry import options
 
     m, d, o, t, v = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.val
     models = available()
@@ -340,14 +330,13 @@ def _validate(cfg: TrainConfig, source: str) -> None:
             f"available: {', '.join(models)}"
         )
     _check_range(m.scale in (2, 3, 4, 8), "model.scale", "must be 2, 3, 4 or 8", m.scale, source)
-    allowed = _model_options(m.arch)
-    if allowed is not None:
-        for key in m.options:
-            if key not in allowed:
-                raise ConfigError(
-                    f"{source}: unknown option model.options.{key} for {m.arch}"
-                    f"{_suggest(key, allowed)}; allowed: {', '.join(allowed)}"
-                )
+    allowed = list(options(m.arch))
+    for key in m.options:
+        if key not in allowed:
+            raise ConfigError(
+                f"{source}: unknown option model.options.{key} for {m.arch}"
+                f"{_suggest(key, allowed)}; allowed: {', '.join(allowed)}"
+            )
     _check_range(
         len(d.train_dirs) > 0, "data.train_dirs", "needs at least one folder", d.train_dirs, source
     )
@@ -409,7 +398,7 @@ def _validate(cfg: TrainConfig, source: str) -> None:
     _check_range(t.iterations >= 1, "train.iterations", "must be >= 1", t.iterations, source)
     _check_range(t.seed >= 0, "train.seed", "must be >= 0", t.seed, source)
     _check_range(
-        t.device == "auto" or t.device in ("cpu", "cuda", "mps") or t.device.startswith("cuda:"),
+        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device) is not None,
         "train.device",
         "must be auto, cpu, cuda, cuda:N or mps",
         t.device,

@@ -151,7 +151,8 @@ class TrainImages:
                 f"{', '.join(cfg.train_dirs)}"
             )
 
-        def load(job_index: int) -> tuple[np.ndarray, np.ndarray] | str:
+        def load_one(job_index: int) -> tuple[np.ndarray, np.ndarray] | str:
+            """Decode + degrade one image: (HR, LR), or why it cannot be used."""
             hr_path, lr_path = jobs[job_index]
             try:
                 hr = _to_uint8(read_image(hr_path).pixels)
@@ -177,7 +178,7 @@ class TrainImages:
             return hr, lr
 
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            results = list(pool.map(load, range(len(jobs))))
+            results = list(pool.map(load_one, range(len(jobs))))
 
         self.paths: list[Path] = []
         self.hr: list[np.ndarray] = []

@@ -237,7 +237,8 @@ class Trainer:
             ) from exc
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"model.arch: {m.arch} has no trainable parameters")
-        _load_initial_weights(model, self.cfg)
+        if not self.resume:  # a resumed run takes every weight from its checkpoint
+            _load_initial_weights(model, self.cfg)
         model.to(self.device)
         if self.cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -301,13 +302,11 @@ class Trainer:
 
     def _restore(self) -> None:
         state = load_checkpoint(self.run_dir / CHECKPOINT_FILE)
+        if self.ema is not None and state["ema"] is None:
+            raise ResumeError(f"{self.run_dir}: the checkpoint has no EMA but optim.ema is set")
         try:
             self.model.load_state_dict(state["model"])
             if self.ema is not None:
-                if state["ema"] is None:
-                    raise ResumeError(
-                        f"{self.run_dir}: the checkpoint has no EMA but optim.ema is set"
-                    )
                 self.ema.module.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError) as exc:
@@ -316,6 +315,14 @@ class Trainer:
             ) from exc
         load_scheduler_state(self.scheduler, state["scheduler"])
         self.step = int(state["step"])
+        sampler = {"seed": self.cfg.train.seed, "batch_size": self.cfg.data.batch_size}
+        if any(state["sampler"][k] != v for k, v in sampler.items()):
+            log.warning(
+                "train.seed / data.batch_size differ from the checkpoint's %s: the data order "
+                "from step %d on is not the one the run started with",
+                {k: state["sampler"][k] for k in sampler},
+                self.step,
+            )
         self.best_psnr = state["best"]["psnr"]
         self.best_step = state["best"]["step"]
         best = self.run_dir / "best.safetensors"
@@ -353,15 +360,17 @@ class Trainer:
         with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, int | float) and key != "step":
-                    self.tb.add_scalar(f"{record['event']}/{key}", value, record["step"])
+            scalars = {
+                k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"
+            }
+            for name, scores in record.get("sets", {}).items():
+                scalars.update({f"{name}/{metric}": value for metric, value in scores.items()})
+            for key, value in scalars.items():
+                self.tb.add_scalar(f"{record['event']}/{key}", value, record["step"])
 
     def _train_step(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
-        dev, fmt = (
-            self.device,
-            (torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format),
-        )
+        dev = self.device
+        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         lr = lr.to(dev, non_blocking=True).contiguous(memory_format=fmt)
         hr = hr.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.use_amp):
@@ -380,7 +389,7 @@ class Trainer:
     def _validate(self) -> None:
         """Rank 0 scores the EMA weights (or the model) on every val set; tracks the best."""
         if self.dist.is_main:
-            from nlsr.evaluate import evaluate
+            from nlsr.evaluation import evaluate
 
             module = self.ema.module if self.ema is not None else self.model
             devices = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -412,7 +421,7 @@ class Trainer:
                 {
                     "event": "val",
                     "step": self.step,
-                    "weights": "ema" if self.ema else "model",
+                    "weights": "model" if self.ema is None else "ema",
                     "mean_psnr": mean,
                     "best": improved,
                     "sets": scores,

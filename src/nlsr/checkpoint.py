@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nlsr.atomic import atomic_write
 from nlsr.models.common import RGB_MEAN
 
 __all__ = ["CheckpointError", "detect", "load", "read_state_dict", "save"]
@@ -559,7 +558,7 @@ def _is_upsampler(key: str) -> bool:
 def save(model: nn.Module, path: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``model`` in nlsr's format: one ``.safetensors`` file whose header metadata
     ``nlsr_config`` is JSON ``{"arch", "scale", "options", **metadata}``; atomic."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     config = getattr(model, "nlsr_config", None)
@@ -585,12 +584,5 @@ def save(model: nn.Module, path: str | Path, *, metadata: dict[str, Any] | None 
         raise CheckpointError(f"{path}: options/metadata are not JSON-serialisable ({e})") from e
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={CONFIG_KEY: text, "format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, save(tensors, metadata={CONFIG_KEY: text, "format": "pt"}))
     return path

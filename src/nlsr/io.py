@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 import struct
 import threading
 import zlib
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError, features
+
+from nlsr.atomic import atomic_write
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -686,7 +687,7 @@ def write_image(
         raise ImageWriteError(f"{p}: {e}") from None
     except (OSError, ValueError) as e:
         raise ImageWriteError(f"{p}: cannot encode as {fmt} ({e})") from None
-    _atomic_write(p, payload, overwrite)
+    _write_file(p, payload, overwrite)
     return p
 
 
@@ -743,45 +744,14 @@ def _pillow_bytes(a: np.ndarray, fmt: str, **options: object) -> bytes:
     return buf.getvalue()
 
 
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 _EXISTS = "already exists (pass overwrite=True to replace it)"
 
 
-def _atomic_write(p: Path, payload: bytes, overwrite: bool) -> None:
-    """Write to a fresh hidden file next to ``p``, then move it into place (never a partial
-    ``p``; the temporary file is removed whatever happens)."""
-    while True:
-        tmp = p.parent / f".{p.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            fd = os.open(tmp, _CREATE_FLAGS, 0o666)
-            break
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise ImageWriteError(f"{p}: cannot write in {p.parent} ({e.strerror or e})") from None
+def _write_file(p: Path, payload: bytes, overwrite: bool) -> None:
+    """Write ``payload`` to ``p`` atomically, turning OS errors into ImageWriteError."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, p)
-        else:
-            _publish_new(tmp, p)
-    except OSError as e:
-        raise ImageWriteError(f"{p}: cannot write ({e.strerror or e})") from None
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def _publish_new(tmp: Path, p: Path) -> None:
-    """Move ``tmp`` to ``p`` only if ``p`` does not exist (a hard link is atomic no-clobber)."""
-    try:
-        os.link(tmp, p)
+        atomic_write(p, payload, overwrite=overwrite)
     except FileExistsError:
         raise ImageWriteError(f"{p}: {_EXISTS}") from None
-    except OSError:  # file system without hard links
-        if p.exists():
-            raise ImageWriteError(f"{p}: {_EXISTS}") from None
-        os.replace(tmp, p)
+    except OSError as e:
+        raise ImageWriteError(f"{p}: cannot write ({e.strerror or e})") from None

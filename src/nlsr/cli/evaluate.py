@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from nlsr.atomic import atomic_write
 
 _ROW = "{:<10} {:>5}  {:<8} {:>9} {:>8} {:>7} {:>8}"
 
@@ -191,19 +191,6 @@ def _label(models: dict[int, Any], weights: Path | None, defaulted: bool = False
     return f"{arch or 'model'} ({weights})"
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as JSON atomically (temporary file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _evaluate(args: argparse.Namespace) -> None:
     from nlsr.data import benchmark_images
     from nlsr.evaluation import evaluate
@@ -250,5 +237,6 @@ def _evaluate(args: argparse.Namespace) -> None:
             )
             results.append(r.to_dict())
     if args.json is not None:
-        _write_json(args.json, {"results": results})
+        text = json.dumps({"results": results}, indent=2, allow_nan=False) + "\n"
+        atomic_write(args.json, text.encode("utf-8"))
         print(f"wrote {args.json}")

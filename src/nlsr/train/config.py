@@ -21,7 +21,7 @@ from typing import Any, Literal
 import tomllib
 import yaml
 
-from nlsr.train.state import atomic_write
+from nlsr.atomic import atomic_write
 
 DEGRADATIONS = ("BI", "BD", "DN")
 #: option names of ``model`` that are not constructor options

@@ -33,13 +33,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from nlsr.atomic import atomic_write
 from nlsr.train import distributed as D
 from nlsr.train.config import ConfigError, TrainConfig, parse_config, read_config_file, save_config
 from nlsr.train.config import apply_overrides as _apply_overrides
 from nlsr.train.data import LoadReport, PatchDataset, StepBatchSampler, TrainImages
 from nlsr.train.state import (
     ResumeError,
-    atomic_write,
     capture_rng,
     load_checkpoint,
     load_scheduler_state,

@@ -8,16 +8,15 @@ either the old or the new checkpoint, never a torn file.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
+
+from nlsr.atomic import atomic_write
 
 #: format tag stored in every training checkpoint
 FORMAT = "nlsr-train-checkpoint"
@@ -26,47 +25,6 @@ VERSION = 1
 
 class ResumeError(ValueError):
     """A run folder or training checkpoint cannot be resumed; the message names the file."""
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(fh)`` on a temporary file next to ``path``, fsync it, then ``os.replace``.
-
-    On any failure (including an exception inside ``write``) the temporary file is removed and
-    the previous content of ``path`` is untouched.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform (e.g. Windows); the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:

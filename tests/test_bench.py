@@ -107,7 +107,8 @@ def test_measure_reports_every_run_and_the_peak() -> None:
         calls.append(torch.ones(32 * MIB // 4).sum())
 
     timing = bench.measure(fn, repeat=3, warmup=2)
-    assert len(calls) == 5 and len(timing.times_s) == 3
+    assert len(calls) == 2 + 1 + 3  # warm-up, memory-tracked run, timed runs
+    assert len(timing.times_s) == len(timing.cpu_times_s) == 3
     assert timing.median_s == sorted(timing.times_s)[1]
     if timing.extra_bytes is not None:
         assert timing.extra_bytes == pytest.approx(32 * MIB, abs=8 * MIB)
@@ -154,6 +155,41 @@ def test_sizes_beyond_the_limits_are_skipped_with_a_note() -> None:
     assert (first.size, first.status) == (8, "ok")
     assert (second.size, second.status) == (16, "skipped")
     assert "--max-seconds" in second.note and second.times_s == []
+
+
+class _Broken(torch.nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+
+def test_a_failing_block_is_reported_and_larger_sizes_skipped(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import nlsr.attention
+
+    available_attention()  # register the real blocks first
+    monkeypatch.setitem(nlsr.attention._BLOCKS, "broken", _Broken)
+    report = bench.run_suite(bench.Settings(blocks=["broken"], sizes=[8, 16], channels=4,
+                                            modes=["infer"], repeat=1))
+    first, second = report.rows
+    assert first.status == "error" and first.note == "RuntimeError: boom"
+    assert second.status == "skipped" and "not measured" in second.note
+    assert main(["bench", "--blocks", "broken", "--sizes", "8", "--mode", "infer",
+                 "--repeat", "1", "--quiet"]) == 1
+    assert "RuntimeError: boom" in capsys.readouterr().out
+
+
+def test_a_large_first_size_is_probed_before_it_runs() -> None:
+    settings = bench.Settings(blocks=[_block()], sizes=[bench.PROBE_FROM], channels=8,
+                              modes=["infer"], repeat=1, max_seconds=1e-9)
+    (row,) = bench.run_suite(settings).rows
+    side = bench.PROBE_FROM
+    assert row.status == "skipped"
+    assert f"(from sides {side // 8}, {side // 4})" in row.note
 
 
 def test_fits_come_from_the_measured_rows() -> None:

@@ -169,6 +169,16 @@ def test_evaluate_official_lr_and_save_images(toy_root: Path, tmp_path: Path) ->
         evaluate(_Nearest(3), "Toy", 3, data_root=toy_root, official_lr=True)
 
 
+def test_evaluate_max_images_scores_a_prefix(toy_root: Path) -> None:
+    full = evaluate("bicubic", "Toy", 2, data_root=toy_root)
+    first_two = evaluate("bicubic", "Toy", 2, data_root=toy_root, max_images=2)
+    assert [s.name for s in first_two.per_image] == ["a", "b"]
+    assert first_two.per_image == full.per_image[:2]
+    assert first_two.psnr == pytest.approx((full.per_image[0].psnr + full.per_image[1].psnr) / 2)
+    with pytest.raises(ValueError, match="max_images"):
+        evaluate("bicubic", "Toy", 2, data_root=toy_root, max_images=0)
+
+
 def test_evaluate_rejects_bad_arguments(toy_root: Path) -> None:
     with pytest.raises(ValueError, match="upscales x2, but scale 3"):
         evaluate(_Nearest(2), "Toy", 3, data_root=toy_root)

@@ -557,13 +557,9 @@ def test_validation_tracks_the_best_weights(tmp_path: Path, image_dir: Path) -> 
     assert all(v["weights"] == "ema" and set(v["sets"]) == {"Set5", "Tiny"} for v in vals)
     best = max(vals, key=lambda v: v["mean_psnr"])
     assert result.best_psnr == best["mean_psnr"] and best["best"]
-    assert sorted(p.name for p in (result.run_dir / "val_subset" / "Set5" / "HR").iterdir()) == [
-        "Set50.png",
-        "Set51.png",
-    ]
     # the exported best weights reproduce the logged score on the first 2 images of the set
     with torch.no_grad():
-        again = evaluate(load(result.best), "Set5", 2, data_root=result.run_dir / "val_subset")
+        again = evaluate(load(result.best), "Set5", 2, data_root=bench, max_images=2)
     assert again.psnr == pytest.approx(best["sets"]["Set5"]["psnr"], abs=1e-6)
     full = evaluate(load(result.best), "Set5", 2, data_root=bench)
     assert len(full.per_image) == 3 and len(again.per_image) == 2

@@ -1,10 +1,11 @@
 """Time and memory of attention blocks and networks over growing feature maps (``nlsr bench``).
 
 Every measurement runs one callable -- a forward pass under ``torch.inference_mode`` ("infer")
-or a forward plus backward pass ("train") -- after ``warmup`` untimed calls, ``repeat`` times,
-and keeps every wall time (median and minimum reported) and the process CPU time of each call
-(with one thread on a shared machine, the CPU time is the less noisy figure: it excludes the time
-spent waiting for a core). Peak memory is taken around each timed call by a :class:`MemoryMeter`:
+or a forward plus backward pass ("train") -- after ``warmup`` untimed calls and one untimed call
+whose memory is tracked, ``repeat`` times, and keeps every wall time (median and minimum
+reported) and the process CPU time of each call (with one thread on a shared machine the CPU
+time is the less noisy figure: it leaves out the time spent waiting for a core). Peak memory is
+taken around the tracked call by a :class:`MemoryMeter`:
 
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``;
 * CPU on Linux: the kernel's resident-set high-water mark ``VmHWM`` of ``/proc/self/status``,
@@ -37,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,14 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
     "lcoan": {"n_resgroups": 4, "n_resblocks": 2, "n_feats": 64},
     "csnln": {"n_feats": 32, "depth": 4},
 }
+#: A first size at least this large is preceded by probe runs at 1/8 and 1/4 of its side.
+PROBE_FROM = 128
 #: JSON layout version written by :meth:`Report.to_dict`.
 SCHEMA_VERSION = 1
 
 _SAMPLE_PERIOD_S = 0.001
+#: Environment variables that change the figures (allocator, threading), recorded in the JSON.
+_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "OMP_", "MKL_", "KMP_", "PYTORCH_")
 
 
 class BenchError(ValueError):
@@ -186,7 +191,7 @@ class MemoryMeter:
 
 @dataclass
 class Timing:
-    """Wall and process-CPU times (seconds) of the timed calls and their largest memory peak."""
+    """Wall and process-CPU times (seconds) of the timed calls and the memory of a tracked one."""
 
     times_s: list[float]
     cpu_times_s: list[float]
@@ -212,37 +217,27 @@ def measure(
     device: torch.device | str = "cpu",
     meter: MemoryMeter | None = None,
 ) -> Timing:
-    """Call ``fn`` ``warmup`` times untimed, then ``repeat`` times timed (wall clock and CPU
-    time of the process, synchronising CUDA around each call) with the memory of every timed
-    call tracked by ``meter``."""
+    """Call ``fn`` ``warmup`` times, once more with its memory tracked by ``meter`` (untimed:
+    the tracking trims the allocator, which costs page faults), then ``repeat`` times timed
+    (wall clock and process CPU time, CUDA synchronised around each call)."""
     if repeat < 1 or warmup < 0:
         raise BenchError(f"--repeat must be >= 1 and --warmup >= 0, got {repeat} and {warmup}")
     device = torch.device(device)
     meter = meter or MemoryMeter(device)
     for _ in range(warmup):
         fn()
-    _synchronize(device)
+    with meter.track() as usage:
+        fn()
     times: list[float] = []
     cpu_times: list[float] = []
-    peaks: list[MemoryUsage] = []
     for _ in range(repeat):
-        with meter.track() as usage:
-            _synchronize(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            fn()
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
-        peaks.append(usage)
-    known = [p for p in peaks if p.peak_bytes is not None]
-    if not known:
-        return Timing(times, cpu_times, None, None)
-    return Timing(
-        times,
-        cpu_times,
-        max(p.peak_bytes for p in known),  # type: ignore[type-var]
-        max(p.extra_bytes for p in known),  # type: ignore[type-var]
-    )
+        _synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    return Timing(times, cpu_times, usage.peak_bytes, usage.extra_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,12 +352,13 @@ def build_model(spec: str, scale: int = 2, config: str = "small") -> nn.Module:
             f"available: {', '.join(available_attention())}"
         )
     options = dict(SMALL_CONFIGS.get(arch, {})) if config == "small" else {}
+    if block:
+        with torch.device("meta"):  # shapes only: which constructor is it?
+            kind = type(create(arch, scale, **options))
+        if "attention" in inspect.signature(kind.__init__).parameters:
+            return create(arch, scale, attention=block, **options)
     model = create(arch, scale, **options)
-    if not block:
-        return model
-    if "attention" in inspect.signature(type(model).__init__).parameters:
-        return create(arch, scale, attention=block, **options)
-    if swap_attention(model, block) == 0:
+    if block and swap_attention(model, block) == 0:
         raise BenchError(f"--models {spec!r}: network {arch!r} has no attention block to replace")
     return model
 
@@ -526,6 +522,7 @@ def environment(device: torch.device, meter: MemoryMeter) -> dict[str, Any]:
         "interop_threads": torch.get_num_interop_threads(),
         "memory_method": meter.method,
         "load_average_start": _load_average(),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -567,14 +564,18 @@ def _skip_reason(
     positions: int,
 ) -> str:
     """Why a size should be skipped, from the extrapolated time and memory, or ''."""
+    basis = ", ".join(str(math.isqrt(p)) for p, _, _ in history[-2:])
     t = extrapolate([(p, m) for p, m, _ in history], positions)
     if settings.max_seconds is not None and t is not None and t > settings.max_seconds:
-        return f"predicted {t:.3g} s per run > --max-seconds {settings.max_seconds:g}"
+        return (
+            f"predicted {t:.3g} s per run > --max-seconds {settings.max_seconds:g} "
+            f"(from sides {basis})"
+        )
     mem = extrapolate([(p, e) for p, _, e in history if e is not None], positions)
     if settings.max_memory is not None and mem is not None and mem > settings.max_memory:
         return (
             f"predicted {format_bytes(mem)} extra memory > "
-            f"--max-memory {format_bytes(settings.max_memory)}"
+            f"--max-memory {format_bytes(settings.max_memory)} (from sides {basis})"
         )
     return ""
 
@@ -598,7 +599,9 @@ def _targets(
 def run_suite(settings: Settings, log: Callable[[str], None] | None = None) -> Report:
     """Measure every block and network of ``settings`` at every size and mode (ascending
     sizes; a size is skipped, with a note, when the extrapolation of the sizes measured before
-    it exceeds ``max_seconds`` per run or ``max_memory`` extra), then fit the exponents."""
+    it -- or of probe runs at 1/8 and 1/4 of its side, for a first size of at least
+    :data:`PROBE_FROM` -- exceeds ``max_seconds`` per run or ``max_memory`` extra), then fit
+    the exponents."""
     device = resolve_device(settings.device)
     meter = MemoryMeter(device)
     env = environment(device, meter)
@@ -612,13 +615,20 @@ def run_suite(settings: Settings, log: Callable[[str], None] | None = None) -> R
                 positions = size * size
                 row = Row(kind, name, size, positions, settings.channels if kind == "block" else 3,
                           mode, "ok")
+                if not history and not stop and size >= PROBE_FROM:
+                    history = _probe(kind, name, mode, size, build, settings, device, meter, log)
                 row.note = stop or _skip_reason(settings, history, positions)
                 if row.note:
                     row.status = "skipped"
                 else:
                     _measure_row(row, build, settings, device, meter)
+                    gc.collect()  # the target and its input are gone: free them now
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                     if row.status == "ok":
                         history.append((positions, row.median_s or 0.0, row.extra_bytes))
+                    elif row.status == "skipped":
+                        stop = row.note
                     else:
                         stop = f"not measured: {row.note.split(':')[0]} at size {size}"
                 rows.append(row)
@@ -626,6 +636,34 @@ def run_suite(settings: Settings, log: Callable[[str], None] | None = None) -> R
                     log(_row_line(row))
     env["load_average_end"] = _load_average()
     return Report(env, settings, rows, fit_rows(rows, settings.fit_range))
+
+
+def _probe(
+    kind: str,
+    name: str,
+    mode: str,
+    size: int,
+    build: Callable[[], nn.Module],
+    settings: Settings,
+    device: torch.device,
+    meter: MemoryMeter,
+    log: Callable[[str], None] | None,
+) -> list[tuple[int, float, int | None]]:
+    """One untimed-warm-up run at sides ``size // 8`` and ``size // 4`` (not reported), so that
+    a large first size is checked against the limits before it runs; returns their history."""
+    quick = replace(settings, repeat=1, warmup=0, profile_top=0)
+    history: list[tuple[int, float, int | None]] = []
+    for side in (size // 8, size // 4):
+        row = Row(kind, name, side, side * side, settings.channels if kind == "block" else 3,
+                  mode, "ok")
+        _measure_row(row, build, quick, device, meter)
+        gc.collect()
+        if log:
+            log(f"(probe) {_row_line(row)}")
+        if row.status != "ok":
+            break
+        history.append((row.positions, row.median_s or 0.0, row.extra_bytes))
+    return history
 
 
 def _measure_row(
@@ -637,7 +675,6 @@ def _measure_row(
 ) -> None:
     """Build the target, time it and fill ``row`` (status "error" with the message on failure)."""
     torch.manual_seed(settings.seed)
-    module: nn.Module | None = None
     try:
         module = build()
         row.parameters = sum(p.numel() for p in module.parameters())
@@ -647,6 +684,9 @@ def _measure_row(
         )
         if row.mode == "train" and row.kind == "block":
             inputs.requires_grad_(True)
+        elif row.mode == "train" and not any(p.requires_grad for p in module.parameters()):
+            row.status, row.note = "skipped", "nothing to train (no trainable parameters)"
+            return
         row.input_bytes = inputs.numel() * inputs.element_size()
         fn = workload(module, inputs, row.mode)
         timing = measure(fn, repeat=settings.repeat, warmup=settings.warmup, device=device,
@@ -664,11 +704,6 @@ def _measure_row(
     except Exception as err:  # a failing block is reported, the suite goes on
         row.status = "error"
         row.note = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
-    finally:
-        del module
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 def fit_rows(rows: Sequence[Row], fit_range: tuple[int, int]) -> list[Fit]:

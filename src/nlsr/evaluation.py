@@ -141,6 +141,7 @@ def evaluate(
     tile: int | None = None,
     device: str | torch.device | None = None,
     save_images: str | Path | None = None,
+    max_images: int | None = None,
     progress: bool = False,
 ) -> EvalResult:
     """Score ``model`` (an nn.Module, moved to ``device``, or ``"bicubic"``) on a benchmark set.
@@ -149,7 +150,8 @@ def evaluate(
     DN noise seeded with the image's index in the sorted set) or paired with its official LR
     file, super-resolved by :func:`nlsr.inference.forward`, quantised to the HR's bit depth and
     scored on Y with ``scale`` px cropped. ``save_images`` writes the SR images as PNG under
-    ``<save_images>/<dataset>/x<scale>[_<deg>]/<name>.png``.
+    ``<save_images>/<dataset>/x<scale>[_<deg>]/<name>.png``. ``max_images`` scores only the
+    first N images of the sorted set (a quick check during training; not a published figure).
     """
     if int(scale) != scale or scale < 1:
         raise ValueError(f"scale must be a positive integer, got {scale}")
@@ -161,6 +163,10 @@ def evaluate(
         raise ValueError(f"official_lr: the official LR files are BI, not {deg}")
     net, name = _model_for(model, scale)
     files = benchmark_images(dataset, data_root)
+    if max_images is not None:
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        files = files[:max_images]
     dev = select_device(device)
     net.to(dev)
     out_dir = _save_dir(save_images, dataset, scale, deg) if save_images is not None else None

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nlsr.bench import Settings
 
 
 def _names(text: str) -> list[str]:
@@ -76,7 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def settings_from_args(args: argparse.Namespace) -> object:
+def settings_from_args(args: argparse.Namespace) -> Settings:
     """Validate the command line and turn it into :class:`nlsr.bench.Settings`."""
     from nlsr.attention import available_attention
     from nlsr.bench import MODES, BenchError, Settings, parse_bytes
@@ -148,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         def log(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
 
-        report = bench.run_suite(settings, None if args.quiet else log)  # type: ignore[arg-type]
+        report = bench.run_suite(settings, None if args.quiet else log)
     except ValueError as err:
         print(f"nlsr bench: {err}", file=sys.stderr)
         return 2

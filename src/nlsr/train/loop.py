@@ -278,27 +278,14 @@ class Trainer:
         )
 
     def _prepare_validation(self) -> None:
+        """Check that the validation sets exist before training starts (rank 0 validates)."""
         v = self.cfg.val
-        self.val_root: Path | None = None
         if v.every == 0 or not self.dist.is_main:
             return
-        from nlsr.data import benchmark_images, resolve_data_root
+        from nlsr.data import benchmark_images
 
-        root = resolve_data_root(v.data_root)
-        files = {name: benchmark_images(name, root) for name in v.sets}
-        if v.max_images is None:
-            self.val_root = root
-            return
-        # A data root holding only the first max_images HR files of each set (as symlinks), so
-        # that nlsr.evaluate runs its exact protocol on the subset.
-        self.val_root = self.run_dir / "val_subset"
-        for name, paths in files.items():
-            hr_dir = self.val_root / name / "HR"
-            hr_dir.mkdir(parents=True, exist_ok=True)
-            for old in hr_dir.iterdir():
-                old.unlink()
-            for p in paths[: v.max_images]:
-                (hr_dir / p.name).symlink_to(Path(p).resolve())
+        for name in v.sets:
+            benchmark_images(name, v.data_root)
 
     def _restore(self) -> None:
         state = load_checkpoint(self.run_dir / CHECKPOINT_FILE)
@@ -405,7 +392,8 @@ class Trainer:
                             self.cfg.model.scale,
                             degradation=d.degradation,
                             noise_sigma=d.noise_sigma,
-                            data_root=self.val_root,
+                            data_root=v.data_root,
+                            max_images=v.max_images,
                             device=self.device,
                         )
                         scores[name] = {"psnr": float(res.psnr), "ssim": float(res.ssim)}

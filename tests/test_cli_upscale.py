@@ -187,6 +187,18 @@ def test_bad_options_exit_2(
     assert not (tmp_path / "o.png").exists()
 
 
+def test_architecture_without_shipped_weights_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an empty weights folder: nothing is shipped, so an untrained network must not be used
+    (tmp_path / "weights").mkdir()
+    monkeypatch.setenv("NLSR_WEIGHTS_DIR", str(tmp_path / "weights"))
+    src = write_image(tmp_path / "a.png", pattern(4, 4, 3))
+    assert run_cli(src, "-o", tmp_path / "o.png", "--model", "dlsn") == 2
+    assert "no pretrained weights for dlsn x2" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_several_inputs_need_an_output_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -89,8 +89,11 @@ def _model_for(model: nn.Module | str, scale: int) -> tuple[nn.Module, str]:
             f"model {type(model).__name__} upscales x{getattr(model, 'scale', '?')}, "
             f"but scale {scale} was asked for"
         )
+    # A shipped model by its published name, else the architecture, else the class.
     config = getattr(model, "nlsr_config", None)
-    name = config.get("arch") if isinstance(config, dict) else None
+    name = getattr(model, "nlsr_pretrained", None)
+    if name is None and isinstance(config, dict):
+        name = config.get("arch")
     return model, str(name or type(model).__name__.lower())
 
 

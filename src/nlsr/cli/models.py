@@ -121,9 +121,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``nlsr models``."""
     p = subparsers.add_parser(
         "models",
-        help="list architectures, attention blocks and paper presets",
+        help="list architectures, attention blocks, paper presets and shipped weights",
         description="List the architectures, attention blocks and paper presets (with their "
-        "parameter counts, computed by building each model).",
+        "parameter counts, computed by building each model), and the pretrained weights shipped "
+        "with nlsr.",
     )
     p.add_argument(
         "--scale", type=int, choices=(2, 3, 4), default=2, help="scale of the presets (default 2)"
@@ -142,11 +143,13 @@ def run(args: argparse.Namespace) -> int:
         {"name": b, "description": ATTENTION_DESCRIPTIONS.get(b, "")} for b in available_attention()
     ]
     rows = presets(args.scale)
+    shipped = shipped_weights()
     if args.json:
         listing = {
             "architectures": archs,
             "attention": blocks,
             "presets": [asdict(r) for r in rows],
+            "pretrained": shipped,
         }
         print(json.dumps(listing, indent=2))
         return 0
@@ -169,4 +172,37 @@ def run(args: argparse.Namespace) -> int:
         reported = f" {r.paper_parameters:>8}" if paper else ""
         opts = " ".join(f"{k}={v}" for k, v in r.options.items())
         print(f"  {r.arch:<6} {count:>8}{reported}  {opts}")
+    print("\nPretrained weights shipped with nlsr (--model NAME; create(NAME, pretrained=True)):")
+    if not shipped:
+        print("  none yet (nlsr upscale / nlsr eval fall back to bicubic)")
+    for w in shipped:
+        psnr = f"Set5 {w['scores']['Set5']:.2f} dB" if "Set5" in w["scores"] else "not scored"
+        print(
+            f"  {w['name']:<14} x{w['scale']}  {w['arch']:<6} {w['parameters'] / 1e6:.2f}M  "
+            f"{w['megabytes']:.1f} MB  {psnr}  {w['iterations']} iterations"
+        )
     return 0
+
+
+def shipped_weights() -> list[dict[str, Any]]:
+    """One record per shipped (model, scale): name, scale, arch, parameters, file size, measured
+    scores and training iterations, from the weights manifest (``nlsr.pretrained``)."""
+    from nlsr.pretrained import read_manifest
+
+    records = []
+    for name, scales in sorted(read_manifest().items()):
+        for scale, w in sorted(scales.items()):
+            size = w.file.stat().st_size if w.file.is_file() else 0
+            records.append(
+                {
+                    "name": name,
+                    "scale": scale,
+                    "arch": w.arch,
+                    "parameters": w.parameters,
+                    "megabytes": size / 1e6,
+                    "scores": w.scores,
+                    "iterations": w.training.get("iterations"),
+                    "file": w.file.name,
+                }
+            )
+    return records

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: Model used when neither --model nor --weights is given (the one place to change it).
+#: Model used when neither --model nor --weights is given and nlsr ships no pretrained model
+#: for the scale (otherwise the best shipped one, ``nlsr.pretrained.default_model``).
 DEFAULT_MODEL = "bicubic"
 #: Scale used with --model when --scale is not given.
 DEFAULT_SCALE = 2
@@ -38,7 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
     source = p.add_mutually_exclusive_group()
     source.add_argument(
-        "--model", help=f"registered model name (default: {DEFAULT_MODEL}; see 'nlsr models')"
+        "--model",
+        help="shipped pretrained model or architecture (default: the shipped model for the "
+        f"scale, else {DEFAULT_MODEL}; see 'nlsr models')",
     )
     source.add_argument("--weights", type=Path, help="checkpoint to load (.pt, .safetensors)")
     p.add_argument(
@@ -163,13 +166,35 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         model = load(args.weights, scale=args.scale)
     else:
         from nlsr.models import available, create
+        from nlsr.pretrained import available_pretrained, default_model, load_pretrained
 
-        name = args.model or DEFAULT_MODEL
-        if name not in available():
+        scale = args.scale or DEFAULT_SCALE
+        name = args.model
+        if name is None:
+            name = default_model(scale)
+            if name is None:
+                print(f"model: {DEFAULT_MODEL} (no pretrained model is shipped for x{scale})")
+                name = DEFAULT_MODEL
+            else:
+                print(f"model: {name} x{scale} (shipped pretrained weights)")
+        shipped = available_pretrained()
+        if name in shipped:
+            model = load_pretrained(name, scale)
+        elif name == "bicubic":
+            model = create(name, scale)
+        elif name in available():
+            # An architecture: its best shipped weights (an untrained network is no upscaler).
+            best = default_model(scale, arch=name)
+            if best is None:
+                raise ValueError(
+                    f"--model {name}: no pretrained weights for {name} x{scale} yet; "
+                    "pass --weights FILE"
+                )
+            model = load_pretrained(best, scale)
+        else:
             raise ValueError(
-                f"--model {name!r}: unknown model; available: {', '.join(available())}"
+                f"--model {name!r}: unknown model; available: {', '.join(shipped + available())}"
             )
-        model = create(name, args.scale or DEFAULT_SCALE)
     return model.eval().to(device), device
 
 

@@ -199,6 +199,36 @@ def test_architecture_without_shipped_weights_is_refused(
     assert not (tmp_path / "o.png").exists()
 
 
+def test_large_inputs_are_tiled_automatically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nlsr.cli.upscale as cli
+    import nlsr.inference as inference
+
+    tiles: list[int | None] = []
+    real = inference.upscale
+
+    def spy(*args: object, **kwargs: object) -> object:
+        tiles.append(kwargs["tile"])  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inference, "upscale", spy)
+    monkeypatch.setattr(cli, "AUTO_TILE_PIXELS", 100)
+    monkeypatch.setattr(cli, "AUTO_TILE", 16)
+    (tmp_path / "in").mkdir()
+    small = write_image(tmp_path / "in" / "small.png", pattern(9, 9, 3))  # 81 px: whole image
+    big = write_image(tmp_path / "in" / "big.png", pattern(30, 27, 3))  # 810 px: tiles of 16
+    assert run_cli(tmp_path / "in", "-o", tmp_path / "out", "--overlap", "4") == 0
+    assert sorted(tiles, key=str) == [16, None]
+    tiles.clear()
+    assert run_cli(big, "-o", tmp_path / "whole.png", "--tile", "0") == 0
+    assert run_cli(small, "-o", tmp_path / "tiled.png", "--tile", "4", "--overlap", "1") == 0
+    assert tiles == [None, 4]
+    # the blended tiles stay within one grey level of the whole-image result
+    tiled = read_image(tmp_path / "out" / "big.png").pixels.astype(int)
+    assert np.abs(tiled - read_image(tmp_path / "whole.png").pixels).max() <= 1
+
+
 def test_several_inputs_need_an_output_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -20,6 +20,10 @@ from typing import Any
 DEFAULT_MODEL = "bicubic"
 #: Scale used with --model when --scale is not given.
 DEFAULT_SCALE = 2
+#: Without --tile, inputs above this many pixels run in AUTO_TILE-pixel tiles so that memory
+#: stays bounded whatever the image size (--tile 0 forces the whole image).
+AUTO_TILE_PIXELS = 1024 * 1024
+AUTO_TILE = 512
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -47,7 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--scale", type=int, help=f"upscaling factor (default {DEFAULT_SCALE}, or the checkpoint's)"
     )
-    p.add_argument("--tile", type=int, help="run in overlapping tiles of N input pixels")
+    p.add_argument(
+        "--tile",
+        type=int,
+        help=f"run in overlapping tiles of N input pixels (default: {AUTO_TILE} for inputs above "
+        f"{AUTO_TILE_PIXELS // 2**20} MP, else the whole image; 0: always the whole image)",
+    )
     p.add_argument("--overlap", type=int, default=16, help="tile overlap in pixels (default 16)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--self-ensemble", action="store_true", help="average the x8 flips/rotations")
@@ -100,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             result = upscale(
                 model,
                 image,
-                tile=args.tile,
+                tile=_tile_for(args, image.width * image.height),
                 overlap=args.overlap,
                 chop=args.chop,
                 self_ensemble=args.self_ensemble,
@@ -141,11 +150,11 @@ def _report(path: Path | str, reason: str) -> None:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    if args.tile is not None and args.chop:
+    if args.tile and args.chop:
         raise ValueError("--tile and --chop are alternatives: give one of them")
-    if args.tile is not None and args.tile < 1:
-        raise ValueError(f"--tile must be a positive number of pixels, got {args.tile}")
-    if args.overlap < 0 or (args.tile is not None and args.overlap >= args.tile):
+    if args.tile is not None and args.tile < 0:
+        raise ValueError(f"--tile must be a number of pixels (0: whole image), got {args.tile}")
+    if args.overlap < 0 or (args.tile and args.overlap >= args.tile):
         raise ValueError(f"--overlap must be in [0, tile), got {args.overlap}")
     if args.scale is not None and args.scale < 1:
         raise ValueError(f"--scale must be a positive integer, got {args.scale}")
@@ -153,6 +162,15 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
     if any(sep in args.suffix for sep in ("/", "\\")):
         raise ValueError(f"--suffix {args.suffix!r}: must not contain a path separator")
+
+
+def _tile_for(args: argparse.Namespace, pixels: int) -> int | None:
+    """The tile size for an input of ``pixels`` pixels: --tile, else automatic (None: whole)."""
+    if args.tile is not None:
+        return args.tile or None
+    if args.chop or pixels <= AUTO_TILE_PIXELS:
+        return None
+    return max(AUTO_TILE, 4 * args.overlap)  # tiles well wider than their overlap
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:

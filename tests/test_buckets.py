@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
+from nlsr.attention import buckets
 from nlsr.attention.buckets import (
     apply_pattern,
     attention_pattern,
     bucket_attention,
     bucket_count,
     effective_chunk,
+    hash_codes,
     pad_order,
     stable_sort,
 )
@@ -65,18 +67,13 @@ def test_matches_naive_reference(n, length, rounds, chunk, buckets, with_bias):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
-def test_stable_tie_order_and_inverse():
+def test_stable_tie_order():
     codes = torch.tensor([[[2, 0, 1, 0, 2, 1, 0, 2]]])
-    order, undo = stable_sort(codes)
+    order = stable_sort(codes)
     assert order.tolist() == [[[1, 3, 6, 2, 5, 0, 4, 7]]]
-    x = torch.arange(8).view(1, 1, 8) * 10
-    sorted_x = x.gather(-1, order)
-    assert torch.equal(sorted_x.gather(-1, undo), x)
     many = torch.randint(0, 3, (2, 4, 500), generator=torch.Generator().manual_seed(1))
-    order, undo = stable_sort(many)
     key = many * 1000 + torch.arange(500)  # unique keys reproduce the stable order
-    assert torch.equal(order, key.argsort(dim=-1))
-    assert torch.equal(order.gather(-1, undo), torch.arange(500).expand(2, 4, 500))
+    assert torch.equal(stable_sort(many), key.argsort(dim=-1))
 
 
 def test_pad_repeats_tail_and_sizes():
@@ -108,9 +105,11 @@ def test_merge_of_identical_rounds_equals_one_round():
     v = torch.randn(1, 50, 3, generator=g, dtype=torch.float64)
     codes = torch.randint(0, 5, (1, 1, 50), generator=g)
     one = bucket_attention(q, v, codes, 8)
+    single = attention_pattern(q, codes, 8)
     pattern = attention_pattern(q, codes.expand(1, 3, 50), 8)
-    torch.testing.assert_close(pattern.round_weights, torch.full((1, 3, 50), 1 / 3, dtype=q.dtype))
+    torch.testing.assert_close(pattern.lse, single.lse + math.log(3), rtol=0, atol=1e-12)
     torch.testing.assert_close(apply_pattern(pattern, v), one, rtol=0, atol=1e-12)
+    torch.testing.assert_close(bucket_attention(q, v, codes.expand(1, 3, 50), 8), one)
 
 
 def test_merge_weights_are_softmax_of_round_lse():
@@ -119,10 +118,14 @@ def test_merge_weights_are_softmax_of_round_lse():
     v = torch.randn(1, 24, 2, generator=g, dtype=torch.float64)
     codes = torch.randint(0, 3, (1, 2, 24), generator=g)
     pattern = attention_pattern(q, codes, 8)
-    rounds = [apply_pattern(attention_pattern(q, codes[:, r : r + 1], 8), v) for r in range(2)]
-    w = torch.softmax(pattern.lse, dim=1).unsqueeze(-1)
+    singles = [attention_pattern(q, codes[:, r : r + 1], 8) for r in range(2)]
+    rounds = [apply_pattern(p, v) for p in singles]
+    lse = torch.stack([p.lse for p in singles], dim=1)  # [N, R, L]
+    w = torch.softmax(lse, dim=1).unsqueeze(-1)
     want = w[:, 0] * rounds[0] + w[:, 1] * rounds[1]
     torch.testing.assert_close(apply_pattern(pattern, v), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(bucket_attention(q, v, codes, 8), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pattern.lse, torch.logsumexp(lse, dim=1), rtol=0, atol=1e-12)
     assert pattern.n_chunks == 3 and pattern.chunk_size == 8 and pattern.n_rounds == 2
 
 
@@ -131,7 +134,12 @@ def test_pattern_applies_to_other_values_and_probabilities_sum_to_one():
     q = torch.randn(2, 37, 4, generator=g)
     codes = torch.randint(0, 4, (2, 2, 37), generator=g)
     pattern = attention_pattern(q, codes, 8)
-    total = sum(p.sum(-1) for p in pattern.probs)
+    assert pattern.probs.shape == (2 * 2, 5, 8, 24)  # 37 -> 40 = 5 chunks of 8, 3 chunks of keys
+    # Per position, the probabilities of all its (unpadded) slots over all rounds sum to one.
+    rows = pattern.layout.rows[:, 8:-8].reshape(2, 2, 40)[..., :37]
+    slot_sums = pattern.probs.sum(-1).reshape(2, 2, 40)
+    assert (slot_sums[..., 37:] == 0).all()  # padded query copies are dropped
+    total = torch.zeros(2 * 37).index_add_(0, rows.reshape(-1), slot_sums[..., :37].reshape(-1))
     torch.testing.assert_close(total, torch.ones_like(total))
     for channels in (3, 9):
         v = torch.randn(2, 37, channels, generator=g)
@@ -149,6 +157,85 @@ def test_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(
         lambda q, v, b: bucket_attention(q, v, codes, 4, key_bias=b), (q, v, bias), fast_mode=True
     )
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_one_chunk_per_block_matches_naive_reference(monkeypatch, with_bias):
+    """Blocks of a single chunk (as at large sizes) give the same result and gradients."""
+    monkeypatch.setattr(buckets, "BLOCK_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 30, 5, generator=g, dtype=torch.float64)
+    q[0, :3] *= 1e-6  # norms below the key eps: keys are q / eps there
+    v = torch.randn(2, 30, 3, generator=g, dtype=torch.float64)
+    codes = torch.randint(0, 4, (2, 3, 30), generator=g)
+    bias = torch.randn(2, 30, 8, generator=g, dtype=torch.float64) if with_bias else None
+    assert buckets.bucket_layout(codes, 8).chunks_per_block() == 1
+    want = naive_bucket_attention(q, v, codes, 8, bias)
+    torch.testing.assert_close(
+        bucket_attention(q, v, codes, 8, key_bias=bias), want, rtol=0, atol=1e-10
+    )
+    inputs = [t.clone().requires_grad_() for t in (q, v) + ((bias,) if with_bias else ())]
+    assert torch.autograd.gradcheck(
+        lambda q, v, *b: bucket_attention(q, v, codes, 8, key_bias=b[0] if b else None),
+        inputs,
+        fast_mode=True,
+    )
+    if not with_bias:
+        torch.testing.assert_close(apply_pattern(attention_pattern(q, codes, 8), v), want)
+
+
+def test_shared_pattern_gradients_match_finite_differences(monkeypatch):
+    """A pattern applied to two layers' values (as in LCoAN): exact gradients for the queries
+    that made the pattern and for both values, with blocks of one and of several chunks."""
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 21, 3, generator=g, dtype=torch.float64)
+    q[0, 5] *= 1e-6  # a norm below the key eps
+    q.requires_grad_()
+    v1 = torch.randn(1, 21, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    v2 = torch.randn(1, 21, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    codes = torch.randint(0, 3, (1, 2, 21), generator=g)
+
+    def shared(q, v1, v2):
+        pattern = attention_pattern(q, codes, 4)
+        return apply_pattern(pattern, v1) * apply_pattern(pattern, v2)
+
+    assert torch.autograd.gradcheck(shared, (q, v1, v2))
+    monkeypatch.setattr(buckets, "BLOCK_ELEMENTS", 1)
+    assert torch.autograd.gradcheck(shared, (q, v1, v2), fast_mode=True)
+
+
+def test_extreme_scores_stay_finite():
+    """Query norms of 1e3 (the folded shift) and a key bias spread of 1e3 (the row-maximum
+    shift) neither overflow nor underflow: same as the naive log-sum-exp reference."""
+    g = torch.Generator().manual_seed(10)
+    q = 1e3 * torch.randn(1, 20, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 20, 3, generator=g, dtype=torch.float64)
+    codes = torch.randint(0, 3, (1, 2, 20), generator=g)
+    bias = 1e3 * torch.randn(1, 20, 8, generator=g, dtype=torch.float64)
+    for b in (None, bias):
+        got = bucket_attention(q, v, codes, 8, key_bias=b)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, naive_bucket_attention(q, v, codes, 8, b))
+    small = bucket_attention(q.float(), v.float(), codes, 8, key_bias=bias.float())
+    assert torch.isfinite(small).all()
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_hash_codes_equal_released_argmax(monkeypatch, signed):
+    """Blocked codes equal the released einsum + argmax, including ties (zero embeddings, as
+    after GLA's ReLU, go to the first index)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 50, 6, generator=g)
+    x[0, :7] = 0.0
+    w = torch.randn(6, 3, 5, generator=g)
+    rotated = torch.einsum("btf,bfhi->bhti", x, w.unsqueeze(0).expand(2, -1, -1, -1))
+    if signed:
+        rotated = torch.cat([rotated, -rotated], dim=-1)
+    want = rotated.argmax(dim=-1)
+    assert torch.equal(hash_codes(x, w, signed), want)
+    assert (want[0, :, :7] == 0).all()
+    monkeypatch.setattr(buckets, "BLOCK_ELEMENTS", 16)  # blocks of one position
+    assert torch.equal(hash_codes(x, w, signed), want)
 
 
 def test_rejects_bad_shapes():

@@ -2,8 +2,8 @@
 
 All three mechanisms give every position an integer code per round (LSH bucket or k-means
 cluster), sort the positions by code, cut the sorted sequence into chunks and let each chunk
-attend to itself and its two cyclic neighbour chunks. This module does everything after the
-codes, with the released arithmetic:
+attend to itself and its two cyclic neighbour chunks. This module computes the codes of the
+hashing blocks (:func:`hash_codes`) and everything after the codes, with the released arithmetic:
 
 1. stable sort of the positions by code, per round (ties keep position order) -- identical to
    the released flat sort of ``code + r * n_buckets`` with ``stable=True``. (The release calls
@@ -19,15 +19,32 @@ codes, with the released arithmetic:
 6. drop the padding, undo the sort, and merge the rounds with weights
    ``softmax_r(lse_r)``.
 
-Layout: the gathered sequence is stored chunk-major, ``[n_chunks + 2, batch * rounds, chunk, C]``,
-with one cyclic neighbour chunk added on each side, so "previous", "own" and "next" chunks are
-contiguous slices ``[0:n]``, ``[1:n + 1]`` and ``[2:n + 2]`` of one tensor: nothing is copied
-three times and no all-positions score matrix is ever built (scores are
-``3 * chunk`` per query per round).
+How it is computed (the result is the above up to float rounding):
 
-Collaborative attention (LCoAN) computes a :class:`BucketPattern` once with
-:func:`attention_pattern` and applies it to the values of several layers with
-:func:`apply_pattern`; gradients flow back into the pattern's probabilities.
+* **Layout.** Each (batch, round) sequence of padded sorted rows gets one cyclic neighbour chunk
+  on each side (:class:`BucketLayout`). A block of ``g`` consecutive chunks gathers its ``g``
+  query chunks and ``g + 2`` key/value chunks once; ``unfold(0, 3 * chunk, chunk)`` then views
+  the gathered keys as ``g`` overlapping windows (previous, own, next chunk) without copying, so
+  a block's scores are one batched matmul ``[g, chunk, 3 * chunk]``.
+* **Blocks.** A block holds at most :data:`BLOCK_ELEMENTS` scores, so the temporaries are
+  reused from the cache instead of being fresh multi-MiB allocations, and memory is O(L).
+* **Fused softmax.** Without a key bias the shift ``|q_i|`` bounds every score ``q_i . k_j``
+  (keys have norm <= 1) and the query's own key (always in its own chunk) reaches it, so
+  ``exp(s - |q_i|)`` can neither overflow nor underflow; the shift is folded into the matmul as
+  an extra column, ``(q, -|q|) . (k, 1)``, and a column of ones appended to the values makes the
+  second matmul return the row sums, so ``exp_`` is the only element-wise pass over the scores.
+  With a key bias the exact row maximum is used.
+* **Round merge.** ``sum_r softmax_r(lse_r) o_r`` equals one softmax over the keys of all rounds,
+  so each block adds its unnormalised ``[sum_j e_ij v_j, sum_j e_ij]`` to the position's
+  accumulator (rescaled online when the shifts differ between rounds) and the output is the
+  ratio at the end.
+* **Training.** :func:`bucket_attention` is one autograd function that saves only its inputs and
+  the per-position log-sum-exp and recomputes each block's probabilities in the backward pass,
+  so training memory is O(L) too.
+
+Collaborative attention (LCoAN) computes a :class:`BucketPattern` -- the merged probabilities,
+materialised once -- with :func:`attention_pattern` and applies it to the values of several
+layers with :func:`apply_pattern`; gradients flow back into the pattern's probabilities.
 
 Small inputs: the released code needs ``pad <= L`` (the tail it repeats must exist). When the
 padding would exceed ``L`` the chunk shrinks to ``L`` (one chunk holding every position once), so
@@ -36,14 +53,18 @@ each query attends densely to all positions; see :func:`effective_chunk`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 #: Key normalisation epsilon of the released code (``F.normalize(..., eps=5e-5)``).
 KEY_EPS = 5e-5
+#: Scores computed at once (one block of chunks): 2**20 float32 values are 4 MiB per buffer.
+BLOCK_ELEMENTS = 2**20
 
 
 def bucket_count(length: int, chunk_size: int, cap: int = 128, minimum: int = 1) -> int:
@@ -70,16 +91,43 @@ def effective_chunk(length: int, chunk_size: int) -> int:
     return chunk_size if (-length) % chunk_size <= length else length
 
 
-def stable_sort(codes: Tensor) -> tuple[Tensor, Tensor]:
-    """Sort positions by code along the last axis, ties in position order.
+def hash_codes(x: Tensor, projections: Tensor, signed: bool) -> Tensor:
+    """LSH codes ``[N, R, L]`` of embeddings ``x`` ``[N, L, d]`` with ``projections`` ``[d, R, I]``.
 
-    ``codes``: integer ``[..., L]``. Returns ``(order, undo)``: ``order[..., s]`` is the position at
-    sorted slot ``s`` and ``undo`` its inverse (``undo[..., order[..., s]] == s``).
+    Round ``r`` gives ``argmax_i (x W_r)_i``, or with ``signed`` (spherical LSH, NLSN)
+    ``argmax`` over ``[x W_r, -x W_r]``; ties go to the first index, as ``torch.argmax``. The
+    projections are computed in blocks of positions, so memory stays bounded, and the index of
+    the first maximum is found with vectorised reductions (``torch.argmax`` over a short last
+    axis is several times slower).
     """
-    order = torch.sort(codes, dim=-1, stable=True).indices
-    positions = torch.arange(codes.shape[-1], device=codes.device).expand_as(order)
-    undo = torch.empty_like(order).scatter_(-1, order, positions)
-    return order, undo
+    n, length, d = x.shape
+    rounds, width = projections.shape[1], projections.shape[2]
+    weights = projections.reshape(d, rounds * width).t()  # [R*I, d]
+    rank = torch.arange(width, 0, -1, dtype=x.dtype, device=x.device).view(width, 1)
+    codes = torch.empty(n, rounds, length, dtype=torch.long, device=x.device)
+    step = max(1, BLOCK_ELEMENTS // (rounds * width))
+    for b in range(n):
+        for start in range(0, length, step):
+            # [R, I, positions]: the reductions over I run along rows, vectorised
+            part = torch.mm(weights, x[b, start : start + step].t()).view(rounds, width, -1)
+            target = part.amax(dim=1, keepdim=True)
+            if signed:
+                low = part.amin(dim=1, keepdim=True)
+                positive = target >= -low
+                target = torch.where(positive, target, low)
+            first = width - part.sub_(target).eq_(0).mul_(rank).amax(dim=1).long()
+            if signed:
+                first += width * (~positive).squeeze(1)
+            codes[b, :, start : start + step] = first
+    return codes
+
+
+def stable_sort(codes: Tensor) -> Tensor:
+    """Sorted order of the positions by code along the last axis, ties in position order.
+
+    ``codes``: integer ``[..., L]``; ``order[..., s]`` is the position at sorted slot ``s``.
+    """
+    return torch.sort(codes, dim=-1, stable=True).indices
 
 
 def pad_order(order: Tensor, chunk_size: int) -> Tensor:
@@ -97,78 +145,331 @@ def pad_order(order: Tensor, chunk_size: int) -> Tensor:
     return torch.cat([order, order[..., length - pad :]], dim=-1) if pad else order
 
 
-def _gather(source: Tensor, rows: Tensor) -> Tensor:
-    """Rows ``rows`` of ``source`` ``[B, L, C]`` seen as ``[B*L, C]``: ``rows.shape + (C,)``."""
-    flat = source.reshape(-1, source.shape[-1])
-    return flat.index_select(0, rows.reshape(-1)).view(*rows.shape, source.shape[-1])
+class _Block(NamedTuple):
+    """Chunks ``first .. first + count - 1`` of sequence ``seq``; rows are flat ``b*L + p``."""
+
+    seq: int
+    first: int
+    count: int
+    query_rows: Tensor  # [count * chunk]
+    key_rows: Tensor  # [(count + 2) * chunk]: previous chunk, the block's chunks, next chunk
+    valid: int  # leading query slots that are not tail padding
 
 
-def _exp_shifted(scores: Tensor, lse: Tensor) -> Tensor:
-    """``exp(scores - lse)``; in place when no gradient is needed (saves one score-sized buffer)."""
-    if scores.requires_grad:
-        return torch.exp(scores - lse)
-    return scores.sub_(lse).exp_()
+@dataclass(frozen=True)
+class BucketLayout:
+    """Which positions each chunk holds: ``rows`` ``[N*R, (n_chunks + 2) * chunk]`` are the flat
+    rows ``b*L + position`` of every (batch, round) sequence -- sorted, tail-padded, with the
+    last chunk prepended and the first appended (the cyclic neighbours)."""
 
-
-@dataclass
-class BucketPattern:
-    """The attention of one bucketed call, reusable on other values (collaborative attention).
-
-    ``probs`` are the softmax probabilities of each query over its own, previous and next chunk,
-    each ``[n_chunks, B*R, chunk, chunk]`` (query slot, key slot; batch-round index ``b*R + r``).
-    ``gather_rows`` ``[n_chunks + 2, B*R, chunk]`` are flat ``b*L + position`` rows of the padded
-    sorted sequence with one cyclic neighbour chunk on each side; ``output_rows`` ``[B, R, L]``
-    locate each position's result in the chunk-major output; ``round_weights`` ``[B, R, L]`` are
-    ``softmax_r`` of the per-round log-sum-exp; ``order``/``undo`` ``[B, R, L]`` the stable sort.
-    """
-
-    probs: tuple[Tensor, Tensor, Tensor]
-    gather_rows: Tensor
-    output_rows: Tensor
-    round_weights: Tensor
-    lse: Tensor
-    order: Tensor
-    undo: Tensor
-    chunk_size: int
-
-    @property
-    def batch(self) -> int:
-        """Batch size N the pattern was computed for."""
-        return self.order.shape[0]
-
-    @property
-    def n_rounds(self) -> int:
-        """Number of hashing / clustering rounds R."""
-        return self.order.shape[1]
-
-    @property
-    def length(self) -> int:
-        """Number of positions L."""
-        return self.order.shape[2]
+    rows: Tensor
+    batch: int
+    rounds: int
+    length: int
+    chunk: int
 
     @property
     def n_chunks(self) -> int:
-        """Chunks per round after padding."""
-        return self.gather_rows.shape[0] - 2
+        """Chunks per sequence after padding."""
+        return self.rows.shape[1] // self.chunk - 2
+
+    def chunks_per_block(self) -> int:
+        """Chunks scored at once: as many as fit in :data:`BLOCK_ELEMENTS` scores (at least 1)."""
+        return max(1, min(self.n_chunks, BLOCK_ELEMENTS // (3 * self.chunk * self.chunk)))
+
+    def blocks(self) -> Iterator[_Block]:
+        """Every block of every sequence, in order."""
+        c, nc, step = self.chunk, self.n_chunks, self.chunks_per_block()
+        for seq in range(self.batch * self.rounds):
+            row = self.rows[seq]
+            for first in range(0, nc, step):
+                count = min(step, nc - first)
+                yield _Block(
+                    seq,
+                    first,
+                    count,
+                    row[(first + 1) * c : (first + 1 + count) * c],
+                    row[first * c : (first + count + 2) * c],
+                    min(count * c, self.length - first * c),
+                )
 
 
-def attention_pattern(
+def bucket_layout(codes: Tensor, chunk_size: int) -> BucketLayout:
+    """Sort positions by ``codes`` ``[N, R, L]`` (stable), pad and chunk them (see module doc)."""
+    if codes.dim() != 3 or codes.shape[1] < 1:
+        raise ValueError(f"codes must be [N, R, L] with R >= 1, got {tuple(codes.shape)}")
+    n, rounds, length = codes.shape
+    chunk = effective_chunk(length, chunk_size)
+    offsets = (torch.arange(n, device=codes.device) * length).view(n, 1, 1)
+    rows = (pad_order(stable_sort(codes), chunk) + offsets).reshape(n * rounds, -1)
+    rows = torch.cat([rows[:, -chunk:], rows, rows[:, :chunk]], dim=1)
+    return BucketLayout(rows, n, rounds, length, chunk)
+
+
+def _windows(rows: Tensor, chunk: int) -> Tensor:
+    """Gathered ``[(g + 2) * chunk, F]`` rows as ``g`` overlapping windows ``[g, F, 3 * chunk]``
+    (previous, own and next chunk of each of the block's chunks); a view, nothing is copied."""
+    return rows.unfold(0, 3 * chunk, chunk)
+
+
+def _block_exp(
     queries: Tensor,
-    codes: Tensor,
-    chunk_size: int,
-    *,
-    keys: Tensor | None = None,
-    key_bias: Tensor | None = None,
-    eps: float = KEY_EPS,
-) -> BucketPattern:
-    """Sort, chunk and score: the attention probabilities of every query over its neighbourhood.
+    keys: Tensor,
+    bias: Tensor | None,
+    exact_max: bool,
+    out: Tensor,
+) -> tuple[Tensor, Tensor | None]:
+    """``exp(q . k + bias - shift)`` ``[g, chunk, 3 * chunk]`` of one block, written into ``out``.
 
-    ``queries`` ``[N, L, d]`` (un-normalised); ``keys`` ``[N, L, d]`` default to ``queries`` and are
-    L2-normalised (eps ``eps``); ``codes`` integer ``[N, R, L]`` (one row per round, no offsets
-    needed). ``key_bias`` ``[N, L, >= chunk]``: additive score ``key_bias[j, i]`` for key position
-    ``j`` seen by a query in chunk slot ``i`` (GLA's learnable term); only the first
-    ``effective_chunk`` slots are used.
+    ``queries`` ``[g, chunk, d']``, ``keys`` ``[(g + 2) * chunk, d']``, ``bias`` (gathered like the
+    keys) ``[(g + 2) * chunk, chunk]``. The shift is either folded into the columns of
+    ``queries``/``keys`` (returns None) or, with ``exact_max``, the row maximum (returned).
+    ``out`` is a reused workspace: no fresh score-sized allocation (and page faults) per block.
     """
+    chunk = queries.shape[1]
+    key_windows = _windows(keys, chunk)
+    if bias is None:
+        scores = torch.bmm(queries, key_windows, out=out)
+    else:
+        scores = torch.baddbmm(_bias_windows(bias, chunk), queries, key_windows, out=out)
+    shift = None
+    if exact_max:
+        shift = scores.amax(dim=-1, keepdim=True)
+        scores.sub_(shift)
+    return scores.exp_(), shift
+
+
+def _workspace(like: Tensor, layout: BucketLayout) -> Tensor:
+    """A score buffer ``[chunks per block, chunk, 3 * chunk]`` reused by every block."""
+    c = layout.chunk
+    return like.new_empty(layout.chunks_per_block(), c, 3 * c)
+
+
+def _with_ones(rows: Tensor) -> Tensor:
+    """Gathered rows ``[M, F]`` with a column of ones appended: ``p @ (v, 1)`` also returns the
+    row sums of ``p``."""
+    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+
+
+def _bias_windows(bias: Tensor, chunk: int) -> Tensor:
+    """Gathered key-bias rows ``[(g + 2) * chunk, chunk]`` (key, query slot) as the score term
+    ``[g, chunk, 3 * chunk]`` (window, query slot, key), stored key-contiguous: transposed once
+    by ``copy_``'s blocked 2-D path, then viewed as overlapping windows."""
+    by_slot = bias.t().contiguous()  # [chunk, (g + 2) * chunk]
+    return by_slot.unfold(1, 3 * chunk, chunk).permute(1, 0, 2)
+
+
+def _fold_bias(ds: Tensor, chunk: int) -> Tensor:
+    """Adjoint of :func:`_bias_windows`: score gradients ``[g, chunk, 3 * chunk]`` summed onto
+    the gathered key-bias rows ``[(g + 2) * chunk, chunk]``."""
+    g = ds.shape[0]
+    by_slot = ds.new_zeros(chunk, g + 2, chunk)  # [query slot, chunk, key slot]
+    for k in range(3):
+        by_slot[:, k : k + g] += ds[:, :, k * chunk : (k + 1) * chunk].transpose(0, 1)
+    return by_slot.view(chunk, -1).t().contiguous()
+
+
+def _fold(parts: Tensor, chunk: int) -> Tensor:
+    """Sum window results ``[g, 3 * chunk, F]`` back onto the gathered rows ``[(g + 2) * chunk, F]``
+    they came from (the adjoint of :func:`_windows`)."""
+    g, _, width = parts.shape
+    rows = parts.new_zeros(g + 2, chunk, width)
+    for k in range(3):
+        rows[k : k + g] += parts[:, k * chunk : (k + 1) * chunk]
+    return rows.view(-1, width)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``[N, L, F]`` as row-major ``[N*L, F]``. A channel-major ``x`` (the transposed view of a
+    convolution output) is transposed one batch item at a time: ``copy_`` takes its blocked
+    2-D transpose path there, several times faster than a strided 3-D copy."""
+    n, length, width = x.shape
+    if x.is_contiguous() or x.stride(1) != 1 or x.stride(2) != length:
+        return x.reshape(n * length, width)
+    rows = x.new_empty(n * length, width)
+    for b in range(n):
+        rows[b * length : (b + 1) * length].copy_(x[b])
+    return rows
+
+
+def _channel_major(rows: Tensor, n: int) -> Tensor:
+    """Row-major ``[N*L, F]`` -> ``[N, L, F]`` stored channel-major (strides ``(F*L, 1, L)``), so
+    that ``.transpose(1, 2)`` is a contiguous ``[N, F, L]`` feature map without another copy."""
+    length, width = rows.shape[0] // n, rows.shape[1]
+    out = rows.new_empty_strided((n, length, width), (width * length, 1, length))
+    for b in range(n):
+        out[b].t().copy_(rows[b * length : (b + 1) * length].t())
+    return out
+
+
+def _query_rows(queries: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows ``(q, -|q|)`` ``[N*L, d + 1]`` (the folded softmax shift, module doc) and the norms
+    ``|q|`` ``[N*L, 1]``; the keys are made from them block by block (:func:`_block_keys`)."""
+    rows = _rows(queries)
+    norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+    return torch.cat([rows, norm.neg()], dim=1), norm
+
+
+def _block_keys(queries: Tensor, norm: Tensor, rows: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Keys ``(q_j / max(|q_j|, eps), 1)`` ``[len(rows), d + 1]`` of the query ``rows`` (computed
+    as ``F.normalize`` computes them) and their norms ``|q_j|`` ``[len(rows), 1]``."""
+    keys = queries.index_select(0, rows)
+    key_norm = norm.index_select(0, rows)
+    keys[:, :-1].div_(key_norm.clamp_min(eps))
+    keys[:, -1] = 1.0
+    return keys, key_norm
+
+
+def _normalize_backward(grad_keys: Tensor, keys: Tensor, norm: Tensor, eps: float) -> Tensor:
+    """Gradient w.r.t. ``q`` of ``keys = q / max(|q|, eps)`` (``F.normalize``), rows ``[M, d]``:
+    ``(g - k (k . g)) / |q|`` where ``|q| >= eps``, ``g / eps`` elsewhere (in place on ``g``)."""
+    dot = (grad_keys * keys).sum(dim=-1, keepdim=True).mul_(norm >= eps)
+    return grad_keys.addcmul_(keys, dot, value=-1.0).div_(norm.clamp_min(eps))
+
+
+def _merge(
+    acc: Tensor, total: Tensor, top: Tensor, rows: Tensor, part: Tensor, sums: Tensor, shift: Tensor
+) -> None:
+    """Add a block's ``part`` and row ``sums`` (both relative to ``exp(shift)``) to ``acc`` and
+    ``total`` (relative to ``exp(top)``) at ``rows``, keeping the larger shift: the online
+    log-sum-exp merge of blocks whose shifts differ."""
+    old = top.index_select(0, rows)
+    new = torch.maximum(old, shift)
+    keep, add = (old - new).exp_(), (shift - new).exp_()
+    acc.index_copy_(0, rows, acc.index_select(0, rows).mul_(keep).add_(part.mul_(add)))
+    total.index_copy_(0, rows, total.index_select(0, rows).mul_(keep).add_(sums.mul_(add)))
+    top.index_copy_(0, rows, new)
+
+
+def _score_grads(
+    ds: Tensor,
+    block: _Block,
+    queries: Tensor,
+    keys: tuple[Tensor, Tensor],
+    eps: float,
+    grad_q: Tensor | None,
+    grad_bias: Tensor | None,
+) -> None:
+    """Accumulate the query and key-bias gradients (flat rows; None = not needed) from the score
+    gradient ``ds`` ``[g, chunk, 3 * chunk]`` of one block, whose queries are ``[g, chunk, d]``
+    and gathered keys and key norms ``([(g + 2) * chunk, d], [(g + 2) * chunk, 1])``; the key
+    gradient goes through the key normalisation into ``grad_q``."""
+    chunk, d = ds.shape[1], queries.shape[-1]
+    key_vectors, key_norm = keys
+    if grad_q is not None:
+        part = torch.bmm(ds, _windows(key_vectors, chunk).transpose(1, 2))
+        grad_q.index_add_(0, block.query_rows, part.view(-1, d))
+        grad_keys = _fold(torch.bmm(ds.transpose(1, 2), queries), chunk)
+        part = _normalize_backward(grad_keys, key_vectors, key_norm, eps)
+        grad_q.index_add_(0, block.key_rows, part)
+    if grad_bias is not None:
+        grad_bias.index_add_(0, block.key_rows, _fold_bias(ds, chunk))
+
+
+class _BucketAttention(torch.autograd.Function):
+    """Fused bucketed attention (module doc): forward blocks, merged rounds, recomputing backward.
+
+    Keeps the query/key rows, the per-position log-sum-exp and the output for the backward
+    pass; no score-sized tensor outlives a block.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        queries: Tensor,
+        values: Tensor,
+        bias: Tensor | None,
+        layout: BucketLayout,
+        eps: float,
+    ) -> Tensor:
+        n, length, d = queries.shape
+        channels, c = values.shape[-1], layout.chunk
+        q, norm = _query_rows(queries)
+        folded = bias is None  # else: exact row maxima, merged online
+        width = d + 1 if folded else d  # without the folded shift column
+        b = None if bias is None else _rows(bias)
+        v = _rows(values)
+        acc = values.new_zeros(n * length, channels)
+        total = values.new_zeros(n * length, 1)
+        top = None if folded else values.new_full((n * length, 1), float("-inf"))
+        scores = _workspace(q, layout)
+        for blk in layout.blocks():
+            qb = q.index_select(0, blk.query_rows).view(blk.count, c, d + 1)[..., :width]
+            kb = _block_keys(q, norm, blk.key_rows, eps)[0][:, :width]
+            bb = None if b is None else b.index_select(0, blk.key_rows)
+            e, shift = _block_exp(qb, kb, bb, not folded, scores[: blk.count])
+            vb = _windows(_with_ones(v.index_select(0, blk.key_rows)), c).transpose(1, 2)
+            part = torch.bmm(e, vb).view(-1, channels + 1)[: blk.valid]
+            rows = blk.query_rows[: blk.valid]
+            weighted, sums = part[:, :channels].contiguous(), part[:, channels:].contiguous()
+            if shift is None:
+                acc.index_add_(0, rows, weighted)
+                total.index_add_(0, rows, sums)
+            else:
+                _merge(acc, total, top, rows, weighted, sums, shift.view(-1, 1)[: blk.valid])
+        del v, b
+        out = _channel_major(acc.div_(total), n)
+        del acc
+        ctx.rows = (q, norm, total.log_().add_(norm if folded else top))  # lse per position
+        ctx.save_for_backward(values, bias, out)
+        ctx.layout, ctx.eps = layout, eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        values, bias, out = ctx.saved_tensors
+        q, norm, lse = ctx.rows
+        layout: BucketLayout = ctx.layout
+        channels, c = values.shape[-1], layout.chunk
+        n, length, _ = out.shape
+        d = q.shape[1] - 1
+        torch.neg(lse, out=q[:, d:])  # (q, -lse) . (k, 1) = score - lse: merged probabilities
+        delta = (grad_out * out).sum(dim=-1).view(-1, 1)  # dO_i . O_i
+        go, v = _rows(grad_out), _rows(values)
+        b = None if bias is None else _rows(bias)
+        need_q, need_v, need_b = ctx.needs_input_grad[:3]
+        grad_q = q.new_zeros(n * length, d) if need_q else None
+        grad_v = v.new_zeros(n * length, channels) if need_v else None
+        grad_b = b.new_zeros(n * length, c) if need_b and b is not None else None
+        probs, grad_scores = _workspace(q, layout), _workspace(q, layout)
+        for blk in layout.blocks():
+            qb = q.index_select(0, blk.query_rows).view(blk.count, c, d + 1)
+            kb, key_norm = _block_keys(q, norm, blk.key_rows, ctx.eps)
+            bb = None if b is None else b.index_select(0, blk.key_rows)
+            p, _ = _block_exp(qb, kb, bb, False, probs[: blk.count])
+            p.view(-1, 3 * c)[blk.valid :] = 0  # padded query copies are dropped
+            gob = go.index_select(0, blk.query_rows)
+            if grad_v is not None:
+                dv = torch.bmm(p.transpose(1, 2), gob.view(blk.count, c, channels))
+                grad_v.index_add_(0, blk.key_rows, _fold(dv, c))
+            # (dO, -delta) . (v, 1) = dO . v - delta
+            gob = torch.cat([gob, delta.index_select(0, blk.query_rows).neg_()], dim=1)
+            vb = _windows(_with_ones(v.index_select(0, blk.key_rows)), c)
+            ds = torch.bmm(gob.view(blk.count, c, -1), vb, out=grad_scores[: blk.count]).mul_(p)
+            keys = (kb[:, :d], key_norm)
+            _score_grads(ds, blk, qb[..., :d], keys, ctx.eps, grad_q, grad_b)
+        del go, v, b
+        return (
+            None if grad_q is None else grad_q.view(n, length, d),
+            None if grad_v is None else _channel_major(grad_v, n),
+            None if grad_b is None else grad_b.view(n, length, c),
+            None,
+            None,
+        )
+
+
+def residual(input: Tensor, out: Tensor, scale: float) -> Tensor:
+    """``input + scale * out`` in ``input``'s (N, C, H, W) layout for an attention output ``out``
+    ``[N, H*W, C]`` (no copy for the channel-major outputs of this module; in place on ``out``
+    when no gradient is recorded)."""
+    maps = out.transpose(1, 2).contiguous().view_as(input)
+    if torch.is_grad_enabled() and (out.requires_grad or input.requires_grad):
+        return torch.add(input, maps, alpha=scale)
+    return maps.mul_(scale).add_(input)
+
+
+def _check(queries: Tensor, codes: Tensor) -> None:
     if queries.dim() != 3 or codes.dim() != 3:
         raise ValueError(
             "queries must be [N, L, d] and codes [N, R, L], "
@@ -177,76 +478,6 @@ def attention_pattern(
     n, length, _ = queries.shape
     if codes.shape[0] != n or codes.shape[2] != length:
         raise ValueError(f"codes {tuple(codes.shape)} do not match queries {tuple(queries.shape)}")
-    rounds = codes.shape[1]
-    if rounds < 1:
-        raise ValueError("codes need at least one round")
-    chunk = effective_chunk(length, chunk_size)
-    device = queries.device
-
-    order, undo = stable_sort(codes)
-    offsets = (torch.arange(n, device=device) * length).view(n, 1, 1)
-    rows = pad_order(order, chunk) + offsets  # [N, R, Lp] flat rows
-    n_chunks = rows.shape[-1] // chunk
-    rows = rows.reshape(n * rounds, n_chunks, chunk).transpose(0, 1)  # [nc, NR, c]
-    gather_rows = torch.cat([rows[-1:], rows, rows[:1]], dim=0).contiguous()
-
-    keys_n = F.normalize(queries if keys is None else keys, p=2, dim=-1, eps=eps)
-    k = _gather(keys_n, gather_rows)  # [nc+2, NR, c, d]
-    q = _gather(queries, gather_rows[1 : n_chunks + 1])  # [nc, NR, c, d]
-    bias = None if key_bias is None else _gather(key_bias[..., :chunk], gather_rows)
-
-    scores = []
-    for start in (1, 0, 2):  # own, previous, next chunk (the released key order)
-        s = torch.matmul(q, k[start : start + n_chunks].transpose(-1, -2))
-        if bias is not None:
-            s = s + bias[start : start + n_chunks].transpose(-1, -2)
-        scores.append(s)
-    lse = torch.logsumexp(torch.stack([torch.logsumexp(s, dim=-1) for s in scores]), dim=0)
-    lse_k = lse.unsqueeze(-1)
-    probs = tuple(_exp_shifted(s, lse_k) for s in scores)
-
-    # Position (b, r, p) sits at sorted slot u = undo[b, r, p]: chunk u // c, slot u % c.
-    br = torch.arange(n * rounds, device=device).view(n, rounds, 1)
-    output_rows = ((undo // chunk) * (n * rounds) + br) * chunk + undo % chunk
-    lse_pos = lse.reshape(-1).index_select(0, output_rows.reshape(-1)).view(n, rounds, length)
-    round_weights = torch.softmax(lse_pos, dim=1)
-    return BucketPattern(
-        probs=probs,  # type: ignore[arg-type]
-        gather_rows=gather_rows,
-        output_rows=output_rows,
-        round_weights=round_weights,
-        lse=lse_pos,
-        order=order,
-        undo=undo,
-        chunk_size=chunk,
-    )
-
-
-def apply_pattern(pattern: BucketPattern, values: Tensor) -> Tensor:
-    """Attend ``values`` ``[N, L, C]`` with a computed pattern: ``[N, L, C]``, rounds merged.
-
-    Used directly for the pattern's own layer and, in LCoAN, for later layers' values.
-    """
-    n, rounds, length = pattern.order.shape
-    if values.dim() != 3 or values.shape[:2] != (n, length):
-        raise ValueError(
-            f"values {tuple(values.shape)} do not match the pattern's [N={n}, L={length}, C]"
-        )
-    channels = values.shape[-1]
-    nc, c = pattern.n_chunks, pattern.chunk_size
-    v = _gather(values, pattern.gather_rows)  # [nc+2, NR, c, C]
-    batch = nc * n * rounds
-    p_own, p_prev, p_next = (p.reshape(batch, c, c) for p in pattern.probs)
-    out = torch.bmm(p_own, v[1 : nc + 1].reshape(batch, c, channels))
-    out = out.baddbmm_(p_prev, v[0:nc].reshape(batch, c, channels))
-    out = out.baddbmm_(p_next, v[2 : nc + 2].reshape(batch, c, channels))
-    out = out.view(-1, channels)
-    merged = None
-    for r in range(rounds):
-        part = out.index_select(0, pattern.output_rows[:, r].reshape(-1)).view(n, length, channels)
-        part = part * pattern.round_weights[:, r].unsqueeze(-1)
-        merged = part if merged is None else merged + part
-    return merged  # type: ignore[return-value]
 
 
 def bucket_attention(
@@ -255,10 +486,193 @@ def bucket_attention(
     codes: Tensor,
     chunk_size: int,
     *,
-    keys: Tensor | None = None,
     key_bias: Tensor | None = None,
     eps: float = KEY_EPS,
 ) -> Tensor:
-    """One-shot bucketed attention: :func:`attention_pattern` then :func:`apply_pattern`."""
-    pattern = attention_pattern(queries, codes, chunk_size, keys=keys, key_bias=key_bias, eps=eps)
-    return apply_pattern(pattern, values)
+    """Bucketed attention ``[N, L, C]`` with rounds merged (module doc), differentiable.
+
+    ``queries`` ``[N, L, d]`` (un-normalised; the keys are ``normalize(queries)``, eps ``eps``),
+    ``values`` ``[N, L, C]``, ``codes`` integer ``[N, R, L]`` (one row per round, no offsets
+    needed). ``key_bias`` ``[N, L, >= chunk]``: additive score ``key_bias[j, i]`` for key position
+    ``j`` seen by a query in chunk slot ``i`` (GLA's learnable term); only the first
+    ``effective_chunk`` slots are used. The result is stored channel-major (its
+    ``transpose(1, 2)`` is contiguous).
+    """
+    _check(queries, codes)
+    if values.dim() != 3 or values.shape[:2] != queries.shape[:2]:
+        raise ValueError(
+            f"values {tuple(values.shape)} do not match queries {tuple(queries.shape)}"
+        )
+    layout = bucket_layout(codes, chunk_size)
+    bias = None if key_bias is None else key_bias[..., : layout.chunk]
+    return _BucketAttention.apply(queries, values, bias, layout, eps)
+
+
+class _PatternProbabilities(torch.autograd.Function):
+    """Merged probabilities ``[N*R, n_chunks, chunk, 3 * chunk]`` of a layout (zero rows for the
+    padded query copies) and the per-position log-sum-exp ``[N, L]`` (not differentiable);
+    the backward pass goes through the softmax and the key normalisation."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, queries: Tensor, layout: BucketLayout, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        n, length, _ = queries.shape
+        c = layout.chunk
+        q, norm = _query_rows(queries)
+        probs = q.new_empty(n * layout.rounds, layout.n_chunks, c, 3 * c)
+        total = q.new_zeros(n * length, 1)
+        for blk in layout.blocks():
+            qb = q.index_select(0, blk.query_rows).view(blk.count, c, -1)
+            kb = _block_keys(q, norm, blk.key_rows, eps)[0]
+            span = probs[blk.seq, blk.first : blk.first + blk.count]
+            e, _ = _block_exp(qb, kb, None, False, span)
+            row_sums = e.sum(dim=-1).view(-1, 1)
+            total.index_add_(0, blk.query_rows[: blk.valid], row_sums[: blk.valid])
+        inverse = total.reciprocal()
+        for blk in layout.blocks():
+            part = probs[blk.seq, blk.first : blk.first + blk.count].view(-1, 3 * c)
+            part[: blk.valid] *= inverse.index_select(0, blk.query_rows[: blk.valid])
+            part[blk.valid :] = 0
+        lse = total.log_().add_(norm).view(n, length)
+        ctx.rows = (q, norm)
+        ctx.save_for_backward(probs)
+        ctx.mark_non_differentiable(lse)
+        ctx.layout, ctx.eps, ctx.shape = layout, eps, queries.shape
+        return probs, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad_probs: Tensor, _grad_lse: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        (probs,) = ctx.saved_tensors
+        q, norm = ctx.rows
+        layout: BucketLayout = ctx.layout
+        n, length, d = ctx.shape
+        c = layout.chunk
+        grad_probs = grad_probs.contiguous()
+        delta = q.new_zeros(n * length, 1)  # sum over rounds and keys of p * dp
+        for blk in layout.blocks():
+            span = slice(blk.first, blk.first + blk.count)
+            dot = (probs[blk.seq, span] * grad_probs[blk.seq, span]).sum(dim=-1)
+            delta.index_add_(0, blk.query_rows, dot.view(-1, 1))
+        grad_q = q.new_zeros(n * length, d)
+        grad_scores = _workspace(q, layout)
+        for blk in layout.blocks():
+            span = slice(blk.first, blk.first + blk.count)
+            rows_delta = delta.index_select(0, blk.query_rows).view(blk.count, c, 1)
+            ds = torch.sub(grad_probs[blk.seq, span], rows_delta, out=grad_scores[: blk.count])
+            ds.mul_(probs[blk.seq, span])
+            qb = q.index_select(0, blk.query_rows).view(blk.count, c, d + 1)[..., :d]
+            kb, key_norm = _block_keys(q, norm, blk.key_rows, ctx.eps)
+            _score_grads(ds, blk, qb, (kb[:, :d], key_norm), ctx.eps, grad_q, None)
+        return grad_q.view(n, length, d), None, None
+
+
+class _ApplyPattern(torch.autograd.Function):
+    """``out[p] = sum over rounds and keys of probs * values``: a pattern applied to values."""
+
+    @staticmethod
+    def forward(ctx: Any, probs: Tensor, values: Tensor, layout: BucketLayout) -> Tensor:
+        n, length, channels = values.shape
+        c = layout.chunk
+        v = _rows(values)
+        out = values.new_zeros(n * length, channels)
+        for blk in layout.blocks():
+            vb = _windows(v.index_select(0, blk.key_rows), c).transpose(1, 2)
+            part = torch.bmm(probs[blk.seq, blk.first : blk.first + blk.count], vb)
+            out.index_add_(0, blk.query_rows[: blk.valid], part.view(-1, channels)[: blk.valid])
+        ctx.save_for_backward(probs, values)
+        ctx.layout = layout
+        return _channel_major(out, n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        probs, values = ctx.saved_tensors
+        layout: BucketLayout = ctx.layout
+        n, length, channels = values.shape
+        c = layout.chunk
+        go, v = _rows(grad_out), _rows(values)
+        need_p, need_v = ctx.needs_input_grad[:2]
+        grad_p = torch.empty_like(probs) if need_p else None
+        grad_v = values.new_zeros(n * length, channels) if need_v else None
+        for blk in layout.blocks():
+            span = slice(blk.first, blk.first + blk.count)
+            gob = go.index_select(0, blk.query_rows).view(blk.count, c, channels)
+            if grad_p is not None:
+                vb = _windows(v.index_select(0, blk.key_rows), c)
+                torch.bmm(gob, vb, out=grad_p[blk.seq, span])
+            if grad_v is not None:
+                part = torch.bmm(probs[blk.seq, span].transpose(1, 2), gob)
+                grad_v.index_add_(0, blk.key_rows, _fold(part, c))
+        return grad_p, None if grad_v is None else _channel_major(grad_v, n), None
+
+
+@dataclass
+class BucketPattern:
+    """The attention of one bucketed call, reusable on other values (collaborative attention).
+
+    ``probs`` ``[N*R, n_chunks, chunk, 3 * chunk]``: for every (batch, round) sequence, chunk and
+    query slot, the merged probabilities (``softmax_r(lse_r) * softmax`` of the round) over the
+    keys of the previous, own and next chunk, in that order; rows of padded query copies are 0.
+    ``layout`` says which positions the slots hold; ``lse`` ``[N, L]`` is the log-sum-exp of each
+    position's scores over all rounds.
+    """
+
+    probs: Tensor
+    layout: BucketLayout
+    lse: Tensor
+
+    @property
+    def batch(self) -> int:
+        """Batch size N the pattern was computed for."""
+        return self.layout.batch
+
+    @property
+    def n_rounds(self) -> int:
+        """Number of hashing / clustering rounds R."""
+        return self.layout.rounds
+
+    @property
+    def length(self) -> int:
+        """Number of positions L."""
+        return self.layout.length
+
+    @property
+    def n_chunks(self) -> int:
+        """Chunks per round after padding."""
+        return self.layout.n_chunks
+
+    @property
+    def chunk_size(self) -> int:
+        """Chunk size actually used (see :func:`effective_chunk`)."""
+        return self.layout.chunk
+
+
+def attention_pattern(
+    queries: Tensor, codes: Tensor, chunk_size: int, *, eps: float = KEY_EPS
+) -> BucketPattern:
+    """Sort, chunk and score once: the merged attention probabilities of every query.
+
+    ``queries`` ``[N, L, d]`` (keys are ``normalize(queries)``, eps ``eps``), ``codes`` integer
+    ``[N, R, L]``. Gradients reach ``queries`` through every :func:`apply_pattern` of the result.
+    """
+    _check(queries, codes)
+    layout = bucket_layout(codes, chunk_size)
+    probs, lse = _PatternProbabilities.apply(queries, layout, eps)
+    return BucketPattern(probs=probs, layout=layout, lse=lse)
+
+
+def apply_pattern(pattern: BucketPattern, values: Tensor) -> Tensor:
+    """Attend ``values`` ``[N, L, C]`` with a computed pattern: ``[N, L, C]``, rounds merged.
+
+    Used directly for the pattern's own layer and, in LCoAN, for later layers' values.
+    """
+    n, length = pattern.batch, pattern.length
+    if values.dim() != 3 or values.shape[:2] != (n, length):
+        raise ValueError(
+            f"values {tuple(values.shape)} do not match the pattern's [N={n}, L={length}, C]"
+        )
+    return _ApplyPattern.apply(pattern.probs, values, pattern.layout)

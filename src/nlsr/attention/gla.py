@@ -12,7 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from nlsr.attention import register_attention
-from nlsr.attention.buckets import bucket_attention, bucket_count
+from nlsr.attention.buckets import (
+    bucket_attention,
+    bucket_count,
+    hash_codes,
+    residual,
+)
 
 
 def orthogonal_columns(
@@ -108,18 +113,15 @@ class GlobalLearnableAttention(nn.Module):
                 f"gla projections have shape {tuple(proj.shape)}, expected {expected} "
                 f"[d, n_hashes, n_buckets] for {x.shape[1]} positions"
             )
-        proj = proj.to(device=x.device, dtype=x.dtype)
-        proj = proj.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
-        rotated = torch.einsum("btf,bfhi->bhti", x, proj)
-        return rotated.argmax(dim=-1)
+        return hash_codes(x, proj.to(device=x.device, dtype=x.dtype), signed=False)
 
     def forward(self, input: Tensor) -> Tensor:
-        n, _, h, w = input.shape
-        x = self.conv_match(input).flatten(2).transpose(1, 2)  # [N, L, d]
+        h, w = input.shape[-2:]
+        x = self.conv_match(input).flatten(2).transpose(1, 2).contiguous()  # [N, L, d]
         y = self.conv_assembly(input).flatten(2).transpose(1, 2)  # [N, L, C]
         bias = None
         if self.learnable:
             bias = self.fc(self.conv_assembly_fc(input).flatten(2).transpose(1, 2))  # [N, L, chunk]
         codes = self.hash_codes(x.detach(), bucket_count(h * w, self.chunk_size))
-        out = bucket_attention(x, y, codes, self.chunk_size, key_bias=bias)
-        return out.transpose(1, 2).reshape(n, -1, h, w) * self.res_scale + input
+        out = bucket_attention(x, y, codes, self.chunk_size, key_bias=bias)  # [N, L, C]
+        return residual(input, out, self.res_scale)

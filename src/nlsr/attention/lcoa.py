@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlsr.attention import register_attention
-from nlsr.attention.buckets import BucketPattern, apply_pattern, attention_pattern
+from nlsr.attention.buckets import (
+    BucketPattern,
+    apply_pattern,
+    attention_pattern,
+    bucket_attention,
+    hash_codes,
+    residual,
+)
 
 #: Iterations of Lloyd's algorithm run when the centroids are initialised from the first batch.
 KMEANS_INIT_ITERS = 10
@@ -77,9 +84,10 @@ class KMeans(nn.Module):
 
     @torch.no_grad()
     def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Cluster index [N, R, L] of each vector of ``x`` [N, L, d]: argmax_c normalize(x).mu_c."""
-        xn = F.normalize(x, dim=-1).unsqueeze(1).expand(-1, self.means.shape[0], -1, -1)
-        return torch.einsum("bhld,hcd->bhlc", xn, self.means.to(x.dtype)).max(dim=-1).indices
+        """Cluster index [N, R, L] of each vector of ``x`` [N, L, d]: argmax_c normalize(x).mu_c
+        (first index on ties), computed in blocks of positions."""
+        means = self.means.to(x.dtype).permute(2, 0, 1)  # [d, R, K]
+        return hash_codes(F.normalize(x, dim=-1), means, signed=False)
 
     @torch.no_grad()
     def ema_update(self, x: torch.Tensor, codes: torch.Tensor) -> None:
@@ -135,8 +143,8 @@ class LCoA(nn.Module):
         )
         self.conv_assembly = nn.Sequential(nn.Conv2d(channels, channels, 1))
 
-    def make_pattern(self, x: torch.Tensor) -> BucketPattern:
-        """Cluster the match embedding of ``x`` (N, C, H, W) and build the attention pattern;
+    def _embed_and_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Match embedding [N, L, d] of ``x`` (N, C, H, W) and its cluster codes [N, R, L];
         initialises the centroids on first use and, with ``centroid_update="ema"``, updates
         them in training mode."""
         embed = self.conv_match(x).flatten(2).transpose(1, 2)
@@ -145,7 +153,11 @@ class LCoA(nn.Module):
         codes = self.kmeans.assign(embed)
         if self.training and self.centroid_update == "ema":
             self.kmeans.ema_update(embed, codes)
-        return attention_pattern(embed, codes, self.window_size)
+        return embed, codes
+
+    def make_pattern(self, x: torch.Tensor) -> BucketPattern:
+        """Cluster the match embedding of ``x`` (N, C, H, W) and build the attention pattern."""
+        return attention_pattern(*self._embed_and_codes(x), self.window_size)
 
     def forward_shared(
         self, x: torch.Tensor, pattern: BucketPattern | None = None
@@ -154,12 +166,12 @@ class LCoA(nn.Module):
         the pattern, to be handed to the next block."""
         if pattern is None:
             pattern = self.make_pattern(x)
-        n, c, h, w = x.shape
         values = self.conv_assembly(x).flatten(2).transpose(1, 2)
-        out = apply_pattern(pattern, values).transpose(1, 2).reshape(n, c, h, w)
-        return out * self.res_scale + x, pattern
+        return residual(x, apply_pattern(pattern, values), self.res_scale), pattern
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Standalone: ``res_scale * attention(x) + x`` with this block's own pattern."""
-        return self.forward_shared(x)[0]
-
+        """Standalone: ``res_scale * attention(x) + x`` with this block's own clusters (fused:
+        no pattern is kept, so memory stays O(H*W))."""
+        embed, codes = self._embed_and_codes(x)
+        values = self.conv_assembly(x).flatten(2).transpose(1, 2)
+        return residual(x, bucket_attention(embed, values, codes, self.window_size), self.res_scale)

@@ -11,7 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from nlsr.attention import register_attention
-from nlsr.attention.buckets import bucket_attention, bucket_count
+from nlsr.attention.buckets import (
+    bucket_attention,
+    bucket_count,
+    hash_codes,
+    residual,
+)
 
 
 @register_attention("nlsa")
@@ -74,16 +79,13 @@ class NonLocalSparseAttention(nn.Module):
                 f"nlsa projections have shape {tuple(rotations.shape)}, expected {expected} "
                 f"[d, n_hashes, n_buckets//2] for {x.shape[1]} positions"
             )
-        rotations = rotations.to(device=x.device, dtype=x.dtype)
-        rotations = rotations.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
-        rotated = torch.einsum("btf,bfhi->bhti", x, rotations)
-        return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+        return hash_codes(x, rotations.to(device=x.device, dtype=x.dtype), signed=True)
 
     def forward(self, input: Tensor) -> Tensor:
-        n, _, h, w = input.shape
-        x = self.conv_match(input).flatten(2).transpose(1, 2)  # [N, L, d]
+        h, w = input.shape[-2:]
+        x = self.conv_match(input).flatten(2).transpose(1, 2).contiguous()  # [N, L, d]
         y = self.conv_assembly(input).flatten(2).transpose(1, 2)  # [N, L, C]
         n_buckets = bucket_count(h * w, self.chunk_size, minimum=2)
         codes = self.hash_codes(x.detach(), n_buckets)
-        out = bucket_attention(x, y, codes, self.chunk_size)
-        return out.transpose(1, 2).reshape(n, -1, h, w) * self.res_scale + input
+        out = bucket_attention(x, y, codes, self.chunk_size)  # [N, L, C]
+        return residual(input, out, self.res_scale)

@@ -263,3 +263,23 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
                    "--channels", "8", "--quiet", "--plot", str(out)])
     assert status == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_released_baseline_rows_and_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    status = main(["bench", "--blocks", "gla,hspa", "--sizes", "12", "--repeat", "1",
+                   "--channels", "16", "--device", "cpu", "--mode", "infer", "--baseline",
+                   "released", "--json", str(out), "--quiet"])
+    assert status == 0
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names == ["gla", "gla@released", "hspa", "hspa@released"]
+    ratios = {q["name"]: q for q in report["baseline_ratios"]}
+    assert set(ratios) == {"gla", "hspa"}
+    rows = {r["name"]: r for r in report["rows"]}
+    for name, q in ratios.items():
+        assert q["baseline"] == "released" and q["size"] == 12 and q["mode"] == "infer"
+        want = rows[f"{name}@released"]["cpu_median_s"] / rows[name]["cpu_median_s"]
+        assert q["cpu_ratio"] == pytest.approx(want)
+    with pytest.raises(SystemExit):
+        main(["bench", "--blocks", "gla", "--baseline", "authors"])

@@ -159,16 +159,22 @@ def test_gradients_match_finite_differences():
     )
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_one_chunk_per_block_matches_naive_reference(monkeypatch, with_bias):
-    """Blocks of a single chunk (as at large sizes) give the same result and gradients."""
+@pytest.mark.parametrize("bias_scale", [None, 1.0, 100.0])
+def test_one_chunk_per_block_matches_naive_reference(monkeypatch, bias_scale):
+    """Blocks of a single chunk (as at large sizes) give the same result and gradients, with the
+    folded softmax shift (no bias, small bias spread) and with row maxima (large spread)."""
     monkeypatch.setattr(buckets, "BLOCK_ELEMENTS", 1)
     g = torch.Generator().manual_seed(8)
     q = torch.randn(2, 30, 5, generator=g, dtype=torch.float64)
     q[0, :3] *= 1e-6  # norms below the key eps: keys are q / eps there
     v = torch.randn(2, 30, 3, generator=g, dtype=torch.float64)
     codes = torch.randint(0, 4, (2, 3, 30), generator=g)
-    bias = torch.randn(2, 30, 8, generator=g, dtype=torch.float64) if with_bias else None
+    with_bias = bias_scale is not None
+    bias = None
+    if with_bias:
+        bias = bias_scale * torch.randn(2, 30, 8, generator=g, dtype=torch.float64)
+        spread = float(bias[..., :8].max() - bias[..., :8].min())
+        assert (spread > buckets._max_spread(torch.float64)) == (bias_scale > 10)
     assert buckets.bucket_layout(codes, 8).chunks_per_block() == 1
     want = naive_bucket_attention(q, v, codes, 8, bias)
     torch.testing.assert_close(

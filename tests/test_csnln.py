@@ -72,6 +72,51 @@ def test_cross_scale_attention_matches_naive_loops(scale, hw, average):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+def _released_cross_scale(m: CrossScaleAttention, x: torch.Tensor) -> torch.Tensor:
+    """The released arithmetic: key patches as conv2d filters over the padded query map, softmax
+    over the key axis, and a transposed convolution (stride s) pasting the value patches."""
+    s, k, t = m.scale, m.ksize, m.stride
+    n = x.shape[0]
+    query = m.conv_match_1(x)
+    ref = m.conv_match_2(F.interpolate(x, scale_factor=1 / s, mode="bilinear", align_corners=False))
+    keys = F.unfold(F.pad(ref, _same_pads(ref, k, t)), k, stride=t)
+    n_keys = keys.shape[-1]
+    keys = keys.view(n, -1, k, k, n_keys).permute(0, 4, 1, 2, 3)
+    keys = keys / keys.pow(2).sum(dim=(2, 3, 4), keepdim=True).sqrt().clamp_min(1e-4)
+    kv = k * s
+    values = m.conv_assembly(x)
+    values = F.unfold(F.pad(values, _same_pads(values, kv, t * s)), kv, stride=t * s)
+    values = values.view(n, -1, kv, kv, n_keys).permute(0, 4, 1, 2, 3)
+    out = []
+    for b in range(n):
+        scores = F.conv2d(F.pad(query[b : b + 1], _same_pads(query, k, 1)), keys[b])
+        attn = torch.softmax(scores * m.softmax_scale, dim=1)
+        out.append(F.conv_transpose2d(attn, values[b], stride=s, padding=(k - 1) * s // 2))
+    return torch.cat(out) / 6
+
+
+def _same_pads(x: torch.Tensor, ksize: int, stride: int) -> list[int]:
+    """TensorFlow 'SAME' padding (left, right, top, bottom) for ``ksize`` windows at ``stride``."""
+    pads: list[int] = []
+    for size in (x.shape[-1], x.shape[-2]):
+        total = max(0, (-(-size // stride) - 1) * stride + ksize - size)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
+@pytest.mark.parametrize(
+    ("scale", "hw", "stride"), [(2, (12, 10), 1), (3, (9, 12), 1), (2, (10, 14), 2)]
+)
+def test_cross_scale_attention_matches_released_transposed_convolution(scale, hw, stride):
+    """The matmul + fold assembly equals the released conv2d / conv_transpose2d formulation."""
+    torch.manual_seed(3)
+    m = CrossScaleAttention(6, scale=scale, stride=stride).double()
+    _perturb_prelus(m)
+    x = torch.randn(2, 6, *hw, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), _released_cross_scale(m, x), rtol=1e-10, atol=1e-10)
+
+
 def test_in_scale_attention_matches_naive_loops():
     torch.manual_seed(1)
     m = InScaleNonLocalAttention(6).double()

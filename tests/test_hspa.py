@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from nlsr.attention import create_attention
 from nlsr.attention.hspa import (
     HSPA,
+    candidates,
     sparsemax,
     sparsemax_rows,
     sparsemax_rows_backward,
@@ -114,6 +115,58 @@ def test_topk_never_caps_the_support() -> None:
         assert torch.equal(support, full_support)
         assert torch.allclose(sparsemax_rows(x, topk), ref, atol=1e-7)
     assert torch.allclose(ref[6], torch.full((300,), 1 / 300))
+
+
+def released_threshold(z: torch.Tensor, topk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released search on whole rows: topk, doubled for rows whose support fills it, then a
+    full sort; tau and support from the sorted prefix sums."""
+
+    def prefix(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if k >= rows.shape[-1]:
+            top = rows.sort(dim=-1, descending=True).values
+        else:
+            top = rows.topk(k, dim=-1).values
+        cumsum = top.cumsum(dim=-1) - 1
+        rho = torch.arange(1, top.shape[-1] + 1, dtype=rows.dtype)
+        support = (rho * top > cumsum).sum(dim=-1, keepdim=True)
+        return cumsum.gather(-1, support - 1) / support.to(rows.dtype), support
+
+    length = z.shape[-1]
+    k = length if topk is None else min(topk, length)
+    tau, size = prefix(z, k)
+    while k < length and (size == k).any():
+        redo = (size == k).squeeze(-1)
+        k = min(2 * k, length)
+        tau[redo], size[redo] = prefix(z[redo], k)
+    return tau, size
+
+
+@pytest.mark.parametrize("length", [50, 64, 130, 1000, 5000])
+@pytest.mark.parametrize("spread", [1e-3, 0.3, 30.0])
+def test_threshold_search_equals_released_bit_for_bit(length: int, spread: float) -> None:
+    """Pruned groups + doubling from a few entries give the released tau and support exactly,
+    for supports from one entry to the whole row."""
+    gen = torch.Generator().manual_seed(length)
+    x = spread * torch.randn(16, length, generator=gen)
+    x[0] = 0.0  # all tied: the whole row is the support
+    x[1, ::7] = x[1].max()  # ties at the maximum
+    z = x - x.amax(-1, keepdim=True)
+    for topk in (None, 1, 8, 128):
+        want_tau, want_size = released_threshold(z, topk)
+        tau, size = sparsemax_threshold(z, topk)
+        assert torch.equal(size, want_size) and torch.equal(tau, want_tau)
+
+
+def test_candidates_keep_the_support_and_prune_the_rest() -> None:
+    gen = torch.Generator().manual_seed(12)
+    z = 5.0 * torch.randn(32, 6000, generator=gen)
+    z -= z.amax(-1, keepdim=True)
+    kept = candidates(z)
+    tau, size = released_threshold(z, None)
+    assert torch.equal((kept > tau).sum(-1, keepdim=True), size)  # every support entry kept
+    assert kept.shape[-1] < 6000 // 4  # and most groups dropped (small supports here)
+    short = torch.randn(3, 100, generator=gen)
+    assert candidates(short) is short  # fewer than two groups: nothing to prune
 
 
 def test_sparsemax_dim_and_shift_invariance() -> None:
@@ -271,3 +324,25 @@ def test_hspan_official_fixture(fixtures_dir: Path) -> None:
         assert support.min().item() == stats["support_min"]
         assert support.max().item() == stats["support_max"] > topk
         assert int((support >= topk).sum()) == stats["rows_needing_recursion"]
+
+
+def test_released_baseline_equals_the_block_with_gradients() -> None:
+    """The benchmark's released-style HSPA (whole score matrix, topk-started search, analytic
+    backward) and nlsr's blocked HSPA agree in output and every gradient."""
+    from nlsr.bench import ReleasedHSPA
+
+    torch.manual_seed(0)
+    block = create_attention("hspa", 8, topk=4, block_size=7).double()
+    baseline = ReleasedHSPA(block)
+    x = (3.0 * torch.randn(2, 8, 6, 5, dtype=torch.float64)).requires_grad_()
+    grads = []
+    for module in (block, baseline):
+        out = module(x)
+        weight = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+        params = [x, *block.parameters()]
+        grads.append((out, torch.autograd.grad((out * weight).sum(), params)))
+    (ours, g_ours), (theirs, g_theirs) = grads
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g_ours, g_theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert (ours - x).abs().max().item() > 1e-3  # the attention is not negligible

@@ -12,6 +12,7 @@ import nlsr.models as models
 from nlsr.attention import create_attention
 from nlsr.attention.gla import GlobalLearnableAttention
 from nlsr.attention.nlsa import NonLocalSparseAttention
+from nlsr.bench import ReleasedBucketAttention, released_baseline
 
 HASHING = {"nlsn": NonLocalSparseAttention, "dlsn": GlobalLearnableAttention}
 
@@ -184,3 +185,43 @@ def test_training_step_lowers_loss_and_reaches_hashing_embedding(name):
                 assert block.fc[0].weight.grad.abs().sum() > 0
         opt.step()
     assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------- the benchmark baseline
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("case", ["nlsn_x2", "dlsn_x2"])
+@pytest.mark.parametrize(
+    ("stable", "reference"), [(False, "output.pt"), (True, "output_stable_sort.pt")]
+)
+def test_released_baseline_reproduces_the_official_outputs(case, stable, reference):
+    """The benchmark's re-implementation of the released approach (nlsr.bench) computes what the
+    released code computed, even its as-run tie order with the default (unstable) sort."""
+    folder, model, _ = _official_model(case)
+    model = released_baseline(model)
+    baselines = [m for m in model.modules() if isinstance(m, ReleasedBucketAttention)]
+    for baseline, proj in zip(baselines, _load(folder / "projections.pt"), strict=True):
+        baseline.block.projections = proj
+        baseline.stable_sort = stable
+    with torch.no_grad():
+        out = model(_load(folder / "input.pt"))
+    assert (out - _load(folder / reference)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["nlsa", "gla"])
+def test_released_baseline_equals_the_blocks(name):
+    """Same parameters and draws, ties in position order: the released approach and nlsr's
+    blocked computation agree to float rounding, at sizes with and without tail padding."""
+    torch.manual_seed(0)
+    block = create_attention(name, 16, chunk_size=24, n_hashes=2)
+    baseline = ReleasedBucketAttention(block, stable_sort=True)
+    for hw in [(12, 12), (13, 17)]:
+        x = torch.randn(2, 16, *hw)
+        with torch.no_grad():
+            block.generator = torch.Generator().manual_seed(3)
+            ours = block(x)
+            block.generator = torch.Generator().manual_seed(3)
+            theirs = baseline(x)
+        assert (ours - theirs).abs().max().item() <= 1e-5
+        assert (ours - x).abs().max().item() > 1e-3  # the attention is not negligible

@@ -563,3 +563,38 @@ def test_validation_tracks_the_best_weights(tmp_path: Path, image_dir: Path) -> 
     assert again.psnr == pytest.approx(best["sets"]["Set5"]["psnr"], abs=1e-6)
     full = evaluate(load(result.best), "Set5", 2, data_root=bench)
     assert len(full.per_image) == 3 and len(again.per_image) == 2
+
+
+def test_ema_decay_is_warmed_up() -> None:
+    from nlsr.train.loop import ModelEMA
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = ModelEMA(model, 0.999)
+    for n, w in enumerate([1.0, 2.0, 4.0], start=1):
+        with torch.no_grad():
+            model.weight.fill_(w)
+        before = float(ema.module.weight)
+        ema.update(model, n)
+        d = min(0.999, (1 + n) / (10 + n))
+        assert float(ema.module.weight) == pytest.approx(d * before + (1 - d) * w, rel=1e-6)
+    assert ema.decay_at(10**6) == 0.999
+
+
+def test_cosine_schedule_anneals_to_min_lr(tmp_path: Path, image_dir: Path) -> None:
+    import math
+
+    raw = _raw(
+        image_dir,
+        tmp_path / "run",
+        optim={"lr": 1e-3, "schedule": "cosine", "min_lr": 1e-5, "ema": None},
+    )
+    result = train(parse_config(raw))
+    logged = {r["step"]: r["lr"] for r in _events(result.run_dir, "train")}
+    assert sorted(logged) == [2, 4, 6, 8, 10, 12]
+    for step, lr in logged.items():
+        expected = 1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * step / 12)) / 2
+        assert lr == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    with pytest.raises(ConfigError, match=r"optim\.schedule"):
+        parse_config(_raw(image_dir, tmp_path / "r2", optim={"schedule": "linear"}))

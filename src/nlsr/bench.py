@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: Feature-map sides measured by default (positions = side**2).
@@ -421,6 +422,231 @@ def profile_ops(
 
 
 # --------------------------------------------------------------------------------------------
+# Baseline: the released implementations' approach (--baseline released)
+#
+# Used ONLY as a point of comparison for the timings: nlsr's blocks never call this. It is a
+# re-implementation, from the description in the shared models spec, of how the released NLSN
+# and DLSN code computes the bucketed attention: all rounds sorted at once (default sort of the
+# offset codes), the sorted sequences gathered and tail-padded by copying, the neighbour chunks
+# concatenated by copying (three copies of keys, values and GLA's score term), every score of
+# every round materialised in float32 at once, log-sum-exp and softmax over the concatenation,
+# the result unsorted by gathering and the rounds merged with softmax_r(lse_r). For HSPAN: the
+# whole [N, L, L] score matrix at once and sparsemax over it (ReleasedHSPA).
+# --------------------------------------------------------------------------------------------
+
+#: Values of ``Settings.baseline``: None, or "released" (rows named ``NAME@released``).
+BASELINES = ("released",)
+
+
+def _released_hash(
+    block: nn.Module, x: torch.Tensor, n_buckets: int, signed: bool
+) -> torch.Tensor:
+    """Codes ``[N, R, L]`` as released: an einsum of the embeddings with the rounds' random
+    projections, ``[xR, -xR]`` for NLSA (``signed``), and an argmax over the concatenation."""
+    width = n_buckets // 2 if signed else n_buckets
+    proj = block.projections
+    if proj is None:
+        proj = block.draw_projections(n_buckets, x.device, x.dtype)
+    proj = proj.to(device=x.device, dtype=x.dtype)
+    if tuple(proj.shape[1:]) != (block.n_hashes, width):
+        raise BenchError(f"baseline: projections {tuple(proj.shape)} do not fit {n_buckets}")
+    rotated = torch.einsum("btf,bfhi->bhti", x, proj.unsqueeze(0).expand(x.shape[0], -1, -1, -1))
+    if signed:
+        rotated = torch.cat([rotated, -rotated], dim=-1)
+    return rotated.argmax(dim=-1)
+
+
+def _with_neighbours(chunks: torch.Tensor) -> torch.Tensor:
+    """``[N, R, nc, c, F]`` -> ``[N, R, nc, 3c, F]``: each chunk followed by copies of its
+    previous and next chunk (cyclic), concatenated, as released."""
+    back = torch.cat([chunks[:, :, -1:], chunks[:, :, :-1]], dim=2)
+    forward = torch.cat([chunks[:, :, 1:], chunks[:, :, :1]], dim=2)
+    return torch.cat([chunks, back, forward], dim=3)
+
+
+class ReleasedBucketAttention(nn.Module):
+    """An NLSA or GLA block (its parameters, projections and generator, shared) whose attention
+    is computed the released way (section comment above). For benchmarks only.
+
+    ``stable_sort=True`` sorts ties in position order, as nlsr does, so that the output can be
+    checked against the block's own; the release's default sort is unstable.
+    """
+
+    def __init__(self, block: nn.Module, stable_sort: bool = False):
+        super().__init__()
+        from nlsr.attention.gla import GlobalLearnableAttention
+        from nlsr.attention.nlsa import NonLocalSparseAttention
+
+        if not isinstance(block, (NonLocalSparseAttention, GlobalLearnableAttention)):
+            raise BenchError(f"--baseline released: no released form of {type(block).__name__}")
+        self.block = block
+        self.stable_sort = stable_sort
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``res_scale * attention(input) + input``, computed as released."""
+        from nlsr.attention.buckets import KEY_EPS, bucket_count, effective_chunk
+        from nlsr.attention.gla import GlobalLearnableAttention
+
+        b = self.block
+        n, _, h, w = input.shape
+        length = h * w
+        x = b.conv_match(input).view(n, -1, length).permute(0, 2, 1)  # [N, L, d]
+        y = b.conv_assembly(input).view(n, -1, length).permute(0, 2, 1)  # [N, L, C]
+        signed = not isinstance(b, GlobalLearnableAttention)  # NLSA: spherical LSH
+        learnable = not signed and b.learnable
+        n_buckets = bucket_count(length, b.chunk_size, minimum=2 if signed else 1)
+        codes = _released_hash(b, x.detach(), n_buckets, signed)  # [N, R, L]
+        rounds = codes.shape[1]
+        offsets = (torch.arange(rounds, device=codes.device) * n_buckets).view(1, -1, 1)
+        codes = (codes + offsets).reshape(n, -1)  # flat [N, R*L], as released
+        indices = codes.sort(dim=-1, stable=self.stable_sort).indices
+        undo = indices.sort(dim=-1).indices
+        positions = indices % length
+
+        def gather(t: torch.Tensor) -> torch.Tensor:  # [N, L, F] -> [N, R*L, F] in sorted order
+            return t.gather(1, positions.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+        chunk = effective_chunk(length, b.chunk_size)
+        padding = (-length) % chunk
+
+        def chunked(t: torch.Tensor) -> torch.Tensor:  # tail-padded [N, R, nc, c, F]
+            t = t.reshape(n, rounds, length, -1)
+            if padding:
+                t = torch.cat([t, t[:, :, length - padding :].clone()], dim=2)
+            return t.reshape(n, rounds, -1, chunk, t.shape[-1])
+
+        queries = chunked(gather(x))
+        keys = _with_neighbours(F.normalize(queries, p=2, dim=-1, eps=KEY_EPS))
+        values = _with_neighbours(chunked(gather(y)))
+        scores = torch.einsum("bhkie,bhkje->bhkij", queries, keys)  # [N, R, nc, c, 3c]
+        if learnable:
+            fc = b.fc(b.conv_assembly_fc(input).view(n, -1, length).permute(0, 2, 1))
+            term = _with_neighbours(chunked(gather(fc[..., :chunk])))  # [N, R, nc, 3c, c]
+            scores = scores + term.transpose(-1, -2)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probs = torch.exp(scores - lse)
+        out = torch.einsum("bukij,bukje->bukie", probs, values).reshape(n, rounds, -1, y.shape[-1])
+        out = out[:, :, :length].reshape(n, rounds * length, -1)
+        lse = lse.reshape(n, rounds, -1)[:, :, :length].reshape(n, rounds * length)
+        out = out.gather(1, undo.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
+        lse = lse.gather(1, undo)
+        weights = torch.softmax(lse.view(n, rounds, length, 1), dim=1)
+        out = (out.view(n, rounds, length, -1) * weights).sum(dim=1)
+        return out.permute(0, 2, 1).reshape(n, -1, h, w) * b.res_scale + input
+
+
+def _released_sparsemax_threshold(z: torch.Tensor, topk: int) -> torch.Tensor:
+    """tau of every row of ``z`` (row maxima already subtracted) as released: ``topk`` sorted
+    entries, doubled for the rows whose support fills them, a full sort once that reaches L."""
+
+    def prefix(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if k >= rows.shape[-1]:
+            top = rows.sort(dim=-1, descending=True).values
+        else:
+            top = rows.topk(k, dim=-1).values
+        cumsum = top.cumsum(dim=-1) - 1
+        rho = torch.arange(1, top.shape[-1] + 1, device=rows.device, dtype=rows.dtype)
+        support = (rho * top > cumsum).sum(dim=-1, keepdim=True)
+        return cumsum.gather(-1, support - 1) / support.to(rows.dtype), support
+
+    length = z.shape[-1]
+    k = min(topk, length)
+    tau, size = prefix(z, k)
+    while k < length and bool((size == k).any()):
+        redo = (size == k).squeeze(-1)
+        k = min(2 * k, length)
+        tau[redo], size[redo] = prefix(z[redo], k)
+    return tau
+
+
+class _ReleasedSparsemax(torch.autograd.Function):
+    """Sparsemax over the last axis of a whole score tensor, as released: the output is saved and
+    the backward is ``(g - mean of g over the support)`` on the support, zero elsewhere."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, topk: int) -> torch.Tensor:
+        shape = scores.shape
+        z = scores.reshape(-1, shape[-1])
+        z = z - z.amax(dim=-1, keepdim=True)
+        out = torch.clamp(z - _released_sparsemax_threshold(z, topk), min=0).view(shape)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (out,) = ctx.saved_tensors
+        support = out > 0
+        mean = (grad * support).sum(-1, keepdim=True) / support.sum(-1, keepdim=True)
+        return torch.where(support, grad - mean, torch.zeros_like(grad)), None
+
+
+class ReleasedHSPA(nn.Module):
+    """An HSPA block (its parameters, shared) computed as released: the whole ``[N, L, L]``
+    float32 score matrix at once, sparsemax over it (topk-started search), ``P g``. For
+    benchmarks only."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``res_scale * sparsemax(theta^T phi) g + x`` in one piece."""
+        b = self.block
+        n, c, h, w = x.shape
+        theta = b.conv_match1(x).flatten(2).transpose(1, 2)  # [N, L, d]
+        phi = b.conv_match2(x).flatten(2)  # [N, d, L]
+        g = b.conv_assembly(x).flatten(2).transpose(1, 2)  # [N, L, C]
+        weights = _ReleasedSparsemax.apply(torch.bmm(theta, phi), b.topk or 128)
+        y = torch.bmm(weights, g)
+        return b.res_scale * y.transpose(1, 2).reshape(n, c, h, w) + x
+
+
+def released_baseline(model: nn.Module) -> nn.Module:
+    """``model`` (a block or a network) with every NLSA, GLA and HSPA block computed the released
+    way; the parameters are shared, not copied."""
+    from nlsr.attention.gla import GlobalLearnableAttention
+    from nlsr.attention.hspa import HSPA
+    from nlsr.attention.nlsa import NonLocalSparseAttention
+
+    def released(block: nn.Module) -> nn.Module:
+        return ReleasedHSPA(block) if isinstance(block, HSPA) else ReleasedBucketAttention(block)
+
+    kinds = (NonLocalSparseAttention, GlobalLearnableAttention, HSPA)
+    if isinstance(model, kinds):
+        return released(model)
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, kinds)
+    ]
+    if not targets:
+        raise BenchError(f"--baseline released: {type(model).__name__} has no NLSA/GLA/HSPA block")
+    for parent, name, child in targets:
+        setattr(parent, name, released(child))
+    return model
+
+
+def baseline_ratios(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """For every measured ``NAME@BASELINE`` row with a measured ``NAME`` row of the same size
+    and mode: the baseline's CPU time and extra memory divided by nlsr's."""
+    ours = {(r.kind, r.name, r.size, r.mode): r for r in rows if r.status == "ok"}
+    ratios = []
+    for r in rows:
+        name, _, baseline = r.name.partition("@")
+        mine = ours.get((r.kind, name, r.size, r.mode))
+        if not baseline or r.status != "ok" or mine is None:
+            continue
+        ratios.append({
+            "kind": r.kind, "name": name, "baseline": baseline, "size": r.size, "mode": r.mode,
+            "cpu_ratio": (r.cpu_median_s or 0.0) / (mine.cpu_median_s or float("inf")),
+            "memory_ratio": None if not (r.extra_bytes and mine.extra_bytes)
+            else r.extra_bytes / mine.extra_bytes,
+        })
+    return ratios
+
+
+# --------------------------------------------------------------------------------------------
 # The suite
 # --------------------------------------------------------------------------------------------
 
@@ -481,6 +707,7 @@ class Settings:
     fit_range: tuple[int, int] = (96, 384)
     profile_top: int = 0
     seed: int = 0
+    baseline: str | None = None  # one of BASELINES: also measure NAME@BASELINE targets
 
 
 @dataclass
@@ -502,6 +729,7 @@ class Report:
             "settings": settings,
             "rows": [asdict(r) for r in self.rows],
             "fits": [asdict(f) for f in self.fits],
+            "baseline_ratios": baseline_ratios(self.rows),
         }
 
 
@@ -586,14 +814,33 @@ def _targets(
     """(kind, name, builder) of every block and network to measure."""
     from nlsr.attention import create_attention
 
+    if settings.baseline is not None and settings.baseline not in BASELINES:
+        raise BenchError(
+            f"--baseline must be one of {', '.join(BASELINES)}, got {settings.baseline!r}"
+        )
+    released = settings.baseline == "released"
     for name in settings.blocks:
         yield "block", name, lambda n=name: create_attention(n, settings.channels).to(device)
+        if released and name in ("nlsa", "gla", "hspa"):
+            yield (
+                "block",
+                f"{name}@released",
+                lambda n=name: released_baseline(create_attention(n, settings.channels).to(device)),
+            )
     for spec in settings.models:
         yield (
             "model",
             spec,
             lambda s=spec: build_model(s, settings.scale, settings.config).to(device),
         )
+        if released:
+            yield (
+                "model",
+                f"{spec}@released",
+                lambda s=spec: released_baseline(
+                    build_model(s, settings.scale, settings.config).to(device)
+                ),
+            )
 
 
 def run_suite(settings: Settings, log: Callable[[str], None] | None = None) -> Report:
@@ -794,6 +1041,14 @@ def format_table(report: Report) -> str:
         sizes = ",".join(str(s) for s in f.sizes)
         lines.append(f"  {f.kind:<5} {f.name:<12} {f.mode:<5} {f.metric:<6} p = {f.exponent:.3f}"
                      f"  (sizes {sizes})")
+    ratios = baseline_ratios(report.rows)
+    if ratios:
+        lines.append("")
+        lines.append("Baseline / nlsr (CPU time, extra memory; > 1: nlsr is faster / leaner):")
+    for q in ratios:
+        memory = "-" if q["memory_ratio"] is None else f"{q['memory_ratio']:.2f}x"
+        lines.append(f"  {q['kind']:<5} {q['name']:<12} {q['size']:>5} {q['mode']:<5} "
+                     f"{q['baseline']}: time {q['cpu_ratio']:.2f}x  memory {memory}")
     return "\n".join(lines)
 
 

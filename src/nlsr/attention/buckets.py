@@ -26,21 +26,26 @@ How it is computed (the result is the above up to float rounding):
   query chunks and ``g + 2`` key/value chunks once; ``unfold(0, 3 * chunk, chunk)`` then views
   the gathered keys as ``g`` overlapping windows (previous, own, next chunk) without copying, so
   a block's scores are one batched matmul ``[g, chunk, 3 * chunk]``.
-* **Blocks.** A block holds at most :data:`BLOCK_ELEMENTS` scores, so the temporaries are
-  reused from the cache instead of being fresh multi-MiB allocations, and memory is O(L).
+* **Blocks.** A block holds at most :data:`BLOCK_ELEMENTS` scores, computed into buffers that
+  every block reuses (no fresh multi-MiB allocation, hence no page faults, per block), so the
+  temporaries stay small and memory is O(L).
 * **Fused softmax.** Without a key bias the shift ``|q_i|`` bounds every score ``q_i . k_j``
   (keys have norm <= 1) and the query's own key (always in its own chunk) reaches it, so
   ``exp(s - |q_i|)`` can neither overflow nor underflow; the shift is folded into the matmul as
-  an extra column, ``(q, -|q|) . (k, 1)``, and a column of ones appended to the values makes the
-  second matmul return the row sums, so ``exp_`` is the only element-wise pass over the scores.
-  With a key bias the exact row maximum is used.
+  an extra column, ``(q, -|q|) . (k, 1)``, and a column of ones appended to the gathered values
+  makes the second matmul return the row sums, so ``exp_`` is the only element-wise pass over
+  the scores. With a key bias the shift becomes ``|q_i| + max(bias)``, which is as safe as long
+  as the bias spreads over less than :func:`_max_spread` (60 in float32); beyond that the exact
+  row maximum is used.
 * **Round merge.** ``sum_r softmax_r(lse_r) o_r`` equals one softmax over the keys of all rounds,
   so each block adds its unnormalised ``[sum_j e_ij v_j, sum_j e_ij]`` to the position's
   accumulator (rescaled online when the shifts differ between rounds) and the output is the
   ratio at the end.
-* **Training.** :func:`bucket_attention` is one autograd function that saves only its inputs and
-  the per-position log-sum-exp and recomputes each block's probabilities in the backward pass,
-  so training memory is O(L) too.
+* **Training.** :func:`bucket_attention` is one autograd function that keeps the query rows,
+  the value rows, its output and the per-position log-sum-exp, and recomputes each block's keys
+  and probabilities in the backward pass (FlashAttention style), so training memory is O(L).
+* **Layout.** Results are stored channel-major (their ``transpose(1, 2)`` is a contiguous
+  feature map) and row-major copies are made with ``copy_``'s blocked 2-D transposes.
 
 Collaborative attention (LCoAN) computes a :class:`BucketPattern` -- the merged probabilities,
 materialised once -- with :func:`attention_pattern` and applies it to the values of several
@@ -53,6 +58,7 @@ each query attends densely to all positions; see :func:`effective_chunk`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -302,6 +308,12 @@ def _channel_major(rows: Tensor, n: int) -> Tensor:
     return out
 
 
+def _max_spread(dtype: torch.dtype) -> float:
+    """Largest key-bias spread (max - min) for which ``exp(score - |q| - max bias)`` keeps every
+    row sum far above the smallest normal number of ``dtype`` (60 for float32)."""
+    return -0.69 * math.log(torch.finfo(dtype).tiny)
+
+
 def _query_rows(queries: Tensor) -> tuple[Tensor, Tensor]:
     """Rows ``(q, -|q|)`` ``[N*L, d + 1]`` (the folded softmax shift, module doc) and the norms
     ``|q|`` ``[N*L, 1]``; the keys are made from them block by block (:func:`_block_keys`)."""
@@ -369,8 +381,8 @@ def _score_grads(
 class _BucketAttention(torch.autograd.Function):
     """Fused bucketed attention (module doc): forward blocks, merged rounds, recomputing backward.
 
-    Keeps the query/key rows, the per-position log-sum-exp and the output for the backward
-    pass; no score-sized tensor outlives a block.
+    Keeps the query and value rows, the per-position log-sum-exp and the output for the
+    backward pass; no score-sized tensor outlives a block.
     """
 
     @staticmethod
@@ -385,9 +397,15 @@ class _BucketAttention(torch.autograd.Function):
         n, length, d = queries.shape
         channels, c = values.shape[-1], layout.chunk
         q, norm = _query_rows(queries)
-        folded = bias is None  # else: exact row maxima, merged online
-        width = d + 1 if folded else d  # without the folded shift column
         b = None if bias is None else _rows(bias)
+        shift, folded = norm, True  # the folded shift (q, -shift) . (k, 1), module doc
+        if b is not None:
+            high = b.amax()
+            folded = float(high - b.amin()) <= _max_spread(b.dtype)
+            if folded:
+                shift = norm + high
+                q[:, d:] -= high
+        width = d + 1 if folded else d  # else: exact row maxima, merged online
         v = _rows(values)
         acc = values.new_zeros(n * length, channels)
         total = values.new_zeros(n * length, 1)
@@ -397,36 +415,37 @@ class _BucketAttention(torch.autograd.Function):
             qb = q.index_select(0, blk.query_rows).view(blk.count, c, d + 1)[..., :width]
             kb = _block_keys(q, norm, blk.key_rows, eps)[0][:, :width]
             bb = None if b is None else b.index_select(0, blk.key_rows)
-            e, shift = _block_exp(qb, kb, bb, not folded, scores[: blk.count])
+            e, row_max = _block_exp(qb, kb, bb, not folded, scores[: blk.count])
             vb = _windows(_with_ones(v.index_select(0, blk.key_rows)), c).transpose(1, 2)
             part = torch.bmm(e, vb).view(-1, channels + 1)[: blk.valid]
             rows = blk.query_rows[: blk.valid]
             weighted, sums = part[:, :channels].contiguous(), part[:, channels:].contiguous()
-            if shift is None:
+            if row_max is None:
                 acc.index_add_(0, rows, weighted)
                 total.index_add_(0, rows, sums)
             else:
-                _merge(acc, total, top, rows, weighted, sums, shift.view(-1, 1)[: blk.valid])
-        del v, b
+                _merge(acc, total, top, rows, weighted, sums, row_max.view(-1, 1)[: blk.valid])
+        del b
         out = _channel_major(acc.div_(total), n)
         del acc
-        ctx.rows = (q, norm, total.log_().add_(norm if folded else top))  # lse per position
-        ctx.save_for_backward(values, bias, out)
+        # The row-major values are kept instead of `values` (the backward needs rows).
+        ctx.rows = (q, norm, total.log_().add_(shift if folded else top), v)  # lse per position
+        ctx.save_for_backward(bias, out)
         ctx.layout, ctx.eps = layout, eps
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        values, bias, out = ctx.saved_tensors
-        q, norm, lse = ctx.rows
+        bias, out = ctx.saved_tensors
+        q, norm, lse, v = ctx.rows
         layout: BucketLayout = ctx.layout
-        channels, c = values.shape[-1], layout.chunk
+        channels, c = v.shape[-1], layout.chunk
         n, length, _ = out.shape
         d = q.shape[1] - 1
         torch.neg(lse, out=q[:, d:])  # (q, -lse) . (k, 1) = score - lse: merged probabilities
         delta = (grad_out * out).sum(dim=-1).view(-1, 1)  # dO_i . O_i
-        go, v = _rows(grad_out), _rows(values)
+        go = _rows(grad_out)
         b = None if bias is None else _rows(bias)
         need_q, need_v, need_b = ctx.needs_input_grad[:3]
         grad_q = q.new_zeros(n * length, d) if need_q else None
@@ -449,7 +468,7 @@ class _BucketAttention(torch.autograd.Function):
             ds = torch.bmm(gob.view(blk.count, c, -1), vb, out=grad_scores[: blk.count]).mul_(p)
             keys = (kb[:, :d], key_norm)
             _score_grads(ds, blk, qb[..., :d], keys, ctx.eps, grad_q, grad_b)
-        del go, v, b
+        del go, b
         return (
             None if grad_q is None else grad_q.view(n, length, d),
             None if grad_v is None else _channel_major(grad_v, n),

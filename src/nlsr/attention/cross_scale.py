@@ -88,7 +88,8 @@ class CrossScaleAttention(nn.Module):
     ``escape_NaN`` = 1e-4). Values: ``(ksize*s)``-square patches of ``conv_assembly(x)`` at step
     ``s``. Weights ``softmax(softmax_scale * q.k)`` over all keys (``average=False``: one-hot
     argmax instead); each query pastes its weighted value patch into the ``s``-times larger output
-    (transposed convolution, stride ``s``) and the sum is divided by 6, all as released.
+    (the released transposed convolution, stride ``s``, computed as a matrix product and
+    ``F.fold``) and the sum is divided by 6, all as released.
 
     ``stride`` samples the key grid (and the value patches, at ``stride * s``) more sparsely; it is
     1 in the release, whose code path for ``stride > 1`` would also stride the output, so here the
@@ -132,41 +133,32 @@ class CrossScaleAttention(nn.Module):
         s, k, t = self.scale, self.ksize, self.stride
         h0, w0 = x.shape[-2:]
         x = _pad_to_multiple(x, s)
-        n, c, h, w = x.shape
+        h, w = x.shape[-2:]
         values_map = self.conv_assembly(x)
         query = self.conv_match_1(x)
         ref = F.interpolate(x, scale_factor=1.0 / s, mode="bilinear", align_corners=False)
         ref = self.conv_match_2(ref)
-        cq = query.shape[1]
-
-        # Keys [N, L, C', k, k], L2-normalised per patch.
+        # Keys [N, C'*k*k, K]: k x k patches of the downscaled map, one column per key,
+        # L2-normalised (norm floored at escape_NaN); the softmax scale is folded in.
         keys = F.unfold(_same_pad(ref, k, t), k, stride=t)
-        n_keys = keys.shape[-1]
-        keys = keys.view(n, cq, k, k, n_keys).permute(0, 4, 1, 2, 3)
-        norm = keys.pow(2).sum(dim=(2, 3, 4), keepdim=True).sqrt()
-        keys = keys / torch.maximum(norm, self.escape_NaN)
-        # Values [N, L, C, ks, ks]: the HR-sized patches matching each key.
+        norm = keys.pow(2).sum(dim=1, keepdim=True).sqrt()
+        keys = keys * (self.softmax_scale / torch.maximum(norm, self.escape_NaN))
+        # Values [N, C*ks*ks, K]: the HR-sized patches matching each key, one column per key.
         kv = k * s
         values = F.unfold(_same_pad(values_map, kv, t * s), kv, stride=t * s)
-        values = values.view(n, c, kv, kv, n_keys).permute(0, 4, 1, 2, 3)
 
-        # Scores [N, L, H, W]: correlation of every query patch with every key patch.
-        q_pad = _same_pad(query, k, 1)
-        scores = F.conv2d(
-            q_pad.reshape(1, n * cq, *q_pad.shape[-2:]),
-            keys.reshape(n * n_keys, cq, k, k),
-            groups=n,
-        ).view(n, n_keys, h, w)
-        attn = torch.softmax(scores * self.softmax_scale, dim=1)
+        # Scores [N, H*W, K]: correlation of every query patch (k x k around each position)
+        # with every key patch, as one matrix product; softmax over the keys (last axis).
+        queries = F.unfold(_same_pad(query, k, 1), k)  # [N, C'*k*k, H*W]
+        attn = torch.softmax(torch.bmm(queries.transpose(1, 2), keys), dim=-1)
         if not self.average:
-            attn = (attn == attn.amax(dim=1, keepdim=True)).to(attn.dtype)
+            attn = (attn == attn.amax(dim=-1, keepdim=True)).to(attn.dtype)
 
-        out = F.conv_transpose2d(
-            attn.reshape(1, n * n_keys, h, w),
-            values.reshape(n * n_keys, c, kv, kv),
-            stride=s,
-            padding=(k - 1) * s // 2,
-            groups=n,
-        ).view(n, c, s * h, s * w)
+        # Paste each query's weighted value patch into the s-times larger output: the released
+        # transposed convolution (stride s), computed as one matrix product (the weighted patch
+        # of every query) and F.fold (the overlapping sum), far faster than conv_transpose2d's
+        # CPU path and equal to float rounding.
+        patches = torch.bmm(values, attn.transpose(1, 2))  # [N, C*ks*ks, H*W]
+        out = F.fold(patches, (s * h, s * w), kv, padding=(k - 1) * s // 2, stride=s)
         out = out / ASSEMBLY_DIVISOR
         return out[..., : s * h0, : s * w0]

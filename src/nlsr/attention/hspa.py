@@ -12,8 +12,11 @@ Sparsemax (Martins & Astudillo, 2016), with ``z = s - max(s)`` sorted decreasing
 The released code finds the sorted prefix with ``torch.topk(topk)`` and, for the rows whose
 support fills all ``topk`` slots, redoes the search with ``2 topk`` (then 4 topk, ... and a full
 sort once that reaches L), so ``topk`` speeds up the search without ever capping the support.
-:func:`sparsemax_threshold` reproduces exactly that. Rows are computed in blocks of queries
-(see :func:`nlsr.attention.nla.attend_blocked`), so memory is O(block x L), not O(L^2).
+:func:`sparsemax_threshold` gives the same tau and support faster: the maxima of groups of 64
+keys bound tau from below, so only the few groups that can hold support entries are searched
+(:func:`candidates`), with the same doubling search started from a few entries. Rows are
+computed in blocks of queries (see :func:`nlsr.attention.nla.attend_blocked`), so memory is
+O(block x L), not O(L^2).
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ from nlsr.attention.nla import (
     flatten_embeddings,
 )
 
+#: Width of the column groups whose maxima prune the threshold search (:func:`candidates`).
+GROUP = 64
+#: Largest group maxima used for the first lower bound on the threshold.
+BOUND_GROUPS = 64
+#: Sorted entries of the first threshold search (doubled for the rows whose support fills them).
+FIRST_K = 8
+
 
 def _prefix_threshold(rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """tau and support size of each row of ``rows`` from its ``k`` largest entries (exact when
@@ -48,15 +58,48 @@ def _prefix_threshold(rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return cumsum.gather(-1, support - 1) / support.to(rows.dtype), support
 
 
+def candidates(rows: Tensor) -> Tensor:
+    """Entries of ``rows`` ``[B, L]`` that can be in the sparsemax support, and maybe a few more:
+    ``[B, M]`` with ``M <= L``, in no particular order.
+
+    Any ``m`` entries give a lower bound ``(sum - 1) / m`` on the threshold (it is the largest
+    such average over the sorted prefixes), so with the maxima of column groups of
+    :data:`GROUP` entries, every group whose maximum is below the best such bound (less a
+    float-rounding margin) holds no support entry. The remaining groups (usually a handful per
+    row) and the columns left over after the last full group are returned.
+    """
+    length = rows.shape[-1]
+    n_groups = length // GROUP
+    if n_groups < 2:
+        return rows
+    groups = rows[:, : n_groups * GROUP].reshape(rows.shape[0], n_groups, GROUP)
+    group_max = groups.amax(dim=-1)  # [B, G]
+    top, order = group_max.topk(min(n_groups, BOUND_GROUPS), dim=-1)
+    sizes = torch.arange(1, top.shape[-1] + 1, device=rows.device, dtype=rows.dtype)
+    bound = ((top.cumsum(dim=-1) - 1) / sizes).amax(dim=-1, keepdim=True)
+    scale = torch.maximum(bound.abs(), top[:, :1].abs()).clamp_min(1.0)
+    needed = int((group_max > bound - 1e-4 * scale).sum(dim=-1).max())
+    if needed > order.shape[-1]:
+        order = group_max.topk(needed, dim=-1).indices
+    index = order[:, :needed].unsqueeze(-1).expand(-1, -1, GROUP)
+    kept = torch.gather(groups, 1, index).reshape(rows.shape[0], needed * GROUP)
+    return torch.cat([kept, rows[:, n_groups * GROUP :]], dim=-1)
+
+
 def sparsemax_threshold(z: Tensor, topk: int | None = None) -> tuple[Tensor, Tensor]:
     """Threshold ``tau`` and support size over the last axis of ``z`` (shapes ``(..., 1)``).
 
-    ``topk`` (None: full sort) only accelerates the search: rows whose support reaches the
-    number of sorted entries are redone with twice as many, up to a full sort, as released.
+    As released, the sorted prefix is found with ``topk`` and rows whose support fills all the
+    sorted entries are redone with twice as many, up to a full sort: the support is never
+    capped. Here that search runs on the :func:`candidates` of each row, which hold its whole
+    support, and starts from at most :data:`FIRST_K` entries (``topk`` only bounds that start;
+    None: full sort in the release). The prefix sums of the sorted support, hence tau and the
+    support size, are those of the released search.
     """
-    length = z.shape[-1]
-    rows = z.reshape(-1, length)
-    k = length if topk is None else min(topk, length)
+    shape = (*z.shape[:-1], 1)
+    rows = candidates(z.reshape(-1, z.shape[-1]))
+    length = rows.shape[-1]
+    k = min(FIRST_K, length, length if topk is None else topk)
     tau, size = _prefix_threshold(rows, k)
     index = torch.arange(rows.shape[0], device=z.device)
     while k < length:
@@ -65,24 +108,34 @@ def sparsemax_threshold(z: Tensor, topk: int | None = None) -> tuple[Tensor, Ten
             break
         k = min(2 * k, length)
         tau[index], size[index] = _prefix_threshold(rows[index], k)
-    shape = (*z.shape[:-1], 1)
     return tau.reshape(shape), size.reshape(shape)
 
 
 def sparsemax_rows(scores: Tensor, topk: int | None = None) -> Tensor:
     """Sparsemax over the last axis (no autograd; see :func:`sparsemax` for that)."""
-    z = scores - scores.max(dim=-1, keepdim=True).values
+    return sparsemax_rows_(scores.clone(), topk)
+
+
+def sparsemax_rows_(scores: Tensor, topk: int | None = None) -> Tensor:
+    """:func:`sparsemax_rows` computed in place in ``scores``."""
+    z = scores.sub_(scores.amax(dim=-1, keepdim=True))
     tau, _ = sparsemax_threshold(z, topk)
-    return torch.clamp(z - tau, min=0)
+    return z.sub_(tau).clamp_(min=0)
 
 
 def sparsemax_rows_backward(weights: Tensor, grad: Tensor) -> Tensor:
     """Sparsemax Jacobian-vector product over the last axis: on the support ``p > 0`` it is
     ``g - mean_support(g)``, elsewhere 0."""
-    support = weights > 0
-    masked = torch.where(support, grad, torch.zeros_like(grad))
-    mean = masked.sum(dim=-1, keepdim=True) / support.sum(dim=-1, keepdim=True).to(grad.dtype)
-    return torch.where(support, masked - mean, masked)
+    return sparsemax_rows_backward_(weights.clone(), grad.clone())
+
+
+def sparsemax_rows_backward_(weights: Tensor, grad: Tensor) -> Tensor:
+    """:func:`sparsemax_rows_backward` computed in place: the result is written in ``grad`` and
+    ``weights`` is overwritten with the support indicator."""
+    support = weights.sign_()  # 1 on the support, 0 elsewhere (weights >= 0)
+    masked = grad.mul_(support)
+    mean = masked.sum(dim=-1, keepdim=True).div_(support.sum(dim=-1, keepdim=True))
+    return masked.addcmul_(support, mean, value=-1.0)
 
 
 class SparsemaxFunction(torch.autograd.Function):
@@ -142,8 +195,8 @@ class HSPA(nn.Module):
             theta,
             phi,
             g,
-            partial(sparsemax_rows, topk=self.topk),
-            sparsemax_rows_backward,
+            partial(sparsemax_rows_, topk=self.topk),
+            sparsemax_rows_backward_,
             self.block_size,
         )
         return self.res_scale * y.transpose(1, 2).reshape(n, c, h, w) + x

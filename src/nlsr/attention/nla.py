@@ -25,13 +25,15 @@ from torch.autograd.function import once_differentiable
 
 from nlsr.attention import register_attention
 
-#: Score elements (N x block x L) computed at once when ``block_size`` is automatic: 2**23
-#: float32 values are 32 MiB per temporary, a few hundred MiB peak for any image size.
-BLOCK_ELEMENTS = 2**23
+#: Score elements (N x block x L) computed at once when ``block_size`` is automatic: 2**22
+#: float32 values are 16 MiB per buffer, a few tens of MiB peak for any image size.
+BLOCK_ELEMENTS = 2**22
 
-#: Row normaliser: scores (..., B, L) -> weights of the same shape (no autograd needed).
+#: Row normaliser: scores (..., B, L) -> weights of the same shape (no autograd needed); it may
+#: overwrite the scores (they are a scratch buffer).
 RowForward = Callable[[Tensor], Tensor]
-#: Its vector-Jacobian product: (weights, grad of weights) -> grad of scores.
+#: Its vector-Jacobian product: (weights, grad of weights) -> grad of scores; it may overwrite
+#: both arguments.
 RowBackward = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -45,6 +47,18 @@ def softmax_rows_backward(weights: Tensor, grad: Tensor) -> Tensor:
     return weights * (grad - (grad * weights).sum(dim=-1, keepdim=True))
 
 
+def softmax_rows_(scores: Tensor) -> Tensor:
+    """:func:`softmax_rows` computed in place in ``scores``."""
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True))
+
+
+def softmax_rows_backward_(weights: Tensor, grad: Tensor) -> Tensor:
+    """:func:`softmax_rows_backward` computed in place in ``grad``: p*g - p <g, p>."""
+    grad.mul_(weights)
+    return grad.addcmul_(weights, grad.sum(dim=-1, keepdim=True), value=-1.0)
+
+
 def auto_block_size(batch: int, length: int, block_size: int | None = None) -> int:
     """Queries per block: ``block_size`` if given, else as many as fit in :data:`BLOCK_ELEMENTS`."""
     if block_size is not None:
@@ -52,11 +66,22 @@ def auto_block_size(batch: int, length: int, block_size: int | None = None) -> i
     return max(1, min(length, BLOCK_ELEMENTS // max(1, batch * length)))
 
 
+def _scratch(like: Tensor, batch: int, rows: int, length: int) -> Tensor:
+    """A flat scratch buffer for ``[batch, rows, length]`` blocks, reused by every block: no fresh
+    multi-MiB allocation (and page faults) per block."""
+    return like.new_empty(batch * rows * length)
+
+
+def _block(buffer: Tensor, batch: int, rows: int, length: int) -> Tensor:
+    """A contiguous ``[batch, rows, length]`` view at the start of a scratch buffer."""
+    return buffer[: batch * rows * length].view(batch, rows, length)
+
+
 class _BlockedAttention(torch.autograd.Function):
     """out[:, i] = normalize(q[:, i] @ k^T) @ v, one block of query rows at a time.
 
     Only q, k, v are saved; the backward pass recomputes each block's weights, so training
-    memory is O(block x L) too.
+    memory is O(block x L) too. Scores are computed into reused scratch buffers.
     """
 
     @staticmethod
@@ -71,12 +96,15 @@ class _BlockedAttention(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(query, key, value)
         ctx.row_forward, ctx.row_backward, ctx.block = row_forward, row_backward, block
-        length = query.shape[1]
-        out = value.new_empty(value.shape[0], length, value.shape[2])
+        n, length = query.shape[:2]
+        keys = key.shape[1]
+        out = value.new_empty(n, length, value.shape[2])
         key_t = key.transpose(1, 2)
+        scratch = _scratch(query, n, min(block, length), keys)
         for start in range(0, length, block):
-            weights = row_forward(torch.matmul(query[:, start : start + block], key_t))
-            out[:, start : start + block] = torch.matmul(weights, value)
+            q = query[:, start : start + block]
+            scores = torch.matmul(q, key_t, out=_block(scratch, n, q.shape[1], keys))
+            out[:, start : start + block] = torch.matmul(row_forward(scores), value)
         return out
 
     @staticmethod
@@ -84,17 +112,24 @@ class _BlockedAttention(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         query, key, value = ctx.saved_tensors
         length, block = query.shape[1], ctx.block
+        n, keys = query.shape[0], key.shape[1]
         grad_q = torch.empty_like(query)
         grad_k = torch.zeros_like(key)
         grad_v = torch.zeros_like(value)
         key_t, value_t = key.transpose(1, 2), value.transpose(1, 2)
+        rows = min(block, length)
+        scores_scratch = _scratch(query, n, rows, keys)
+        grad_scratch = _scratch(query, n, rows, keys)
         for start in range(0, length, block):
-            rows = slice(start, start + block)
-            q, go = query[:, rows], grad_out[:, rows]
-            weights = ctx.row_forward(torch.matmul(q, key_t))
+            span = slice(start, start + block)
+            q, go = query[:, span], grad_out[:, span]
+            size = q.shape[1]
+            scores = torch.matmul(q, key_t, out=_block(scores_scratch, n, size, keys))
+            weights = ctx.row_forward(scores)
             grad_v += torch.matmul(weights.transpose(1, 2), go)
-            grad_scores = ctx.row_backward(weights, torch.matmul(go, value_t))
-            grad_q[:, rows] = torch.matmul(grad_scores, key)
+            grad_w = torch.matmul(go, value_t, out=_block(grad_scratch, n, size, keys))
+            grad_scores = ctx.row_backward(weights, grad_w)
+            grad_q[:, span] = torch.matmul(grad_scores, key)
             grad_k += torch.matmul(grad_scores.transpose(1, 2), q)
         return grad_q, grad_k, grad_v, None, None, None
 
@@ -103,12 +138,13 @@ def attend_blocked(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    row_forward: RowForward = softmax_rows,
-    row_backward: RowBackward = softmax_rows_backward,
+    row_forward: RowForward = softmax_rows_,
+    row_backward: RowBackward = softmax_rows_backward_,
     block_size: int | None = None,
 ) -> Tensor:
     """``row_forward(query @ key^T) @ value`` for ``(N, L, d)``, ``(N, L, d)``, ``(N, L, C)``,
-    computed ``block_size`` query rows at a time (automatic when None), differentiable."""
+    computed ``block_size`` query rows at a time (automatic when None), differentiable. The row
+    functions may work in place (see :data:`RowForward`, :data:`RowBackward`)."""
     block = auto_block_size(query.shape[0], key.shape[1], block_size)
     return _BlockedAttention.apply(query, key, value, row_forward, row_backward, block)
 

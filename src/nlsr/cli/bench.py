@@ -73,6 +73,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile one run of every point and print its top N operators")
     p.add_argument("--seed", type=int, default=0, help="torch seed before every point")
+    p.add_argument("--baseline", choices=("released",),
+                   help="also measure every NLSA/GLA/HSPA block and network computed the way the "
+                   "authors' released code does (rows NAME@released) and print the ratios")
     p.add_argument("--json", metavar="FILE", help="write the full results as JSON")
     p.add_argument("--plot", metavar="FILE.png",
                    help="log-log plot of time and memory (needs the optional extra 'bench')")
@@ -130,6 +133,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         fit_range=(fit[0], fit[1]),
         profile_top=args.profile,
         seed=args.seed,
+        baseline=args.baseline,
     )
 
 

@@ -58,13 +58,22 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """Adam, the step learning-rate schedule, gradient clipping and the weight EMA."""
+    """Adam, the learning-rate schedule, gradient clipping and the weight EMA.
+
+    ``schedule: step`` halves (``gamma``) the rate at each of ``milestones`` (the papers' recipe);
+    ``schedule: cosine`` anneals it from ``lr`` to ``min_lr`` over ``train.iterations`` (a faster
+    recipe for compact models on small budgets). The EMA decay is warmed up as
+    ``min(ema, (1 + n) / (10 + n))`` after ``n`` updates, so early EMA weights are not dominated
+    by the random initialisation.
+    """
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    schedule: str = "step"
     milestones: list[int] = field(default_factory=lambda: [200_000, 400_000, 600_000, 800_000])
     gamma: float = 0.5
+    min_lr: float = 0.0
     grad_clip: float | None = None
     ema: float | None = None
 
@@ -377,6 +386,16 @@ def _validate(cfg: TrainConfig, source: str) -> None:
         all(0 <= b < 1 for b in o.betas), "optim.betas", "must lie in [0, 1)", o.betas, source
     )
     _check_range(o.eps > 0, "optim.eps", "must be > 0", o.eps, source)
+    _check_range(
+        o.schedule in ("step", "cosine"),
+        "optim.schedule",
+        "must be 'step' or 'cosine'",
+        o.schedule,
+        source,
+    )
+    _check_range(
+        0 <= o.min_lr <= o.lr, "optim.min_lr", "must lie in [0, optim.lr]", o.min_lr, source
+    )
     _check_range(
         all(x > 0 for x in o.milestones) and o.milestones == sorted(set(o.milestones)),
         "optim.milestones",

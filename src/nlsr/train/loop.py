@@ -80,11 +80,17 @@ class ModelEMA:
         for p in self.module.parameters():
             p.requires_grad_(False)
 
+    def decay_at(self, updates: int) -> float:
+        """The decay used for update number ``updates`` (1-based): warmed up as
+        ``min(decay, (1 + n) / (10 + n))`` so the initial weights fade out quickly."""
+        return min(self.decay, (1.0 + updates) / (10.0 + updates))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """``ema = decay * ema + (1 - decay) * weights`` for every floating tensor."""
+    def update(self, model: nn.Module, updates: int) -> None:
+        """``ema = d * ema + (1 - d) * weights`` for every floating tensor, ``d = decay_at``."""
+        decay = self.decay_at(updates)
         for e, p in zip(self.module.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach(), 1.0 - self.decay)
+            e.lerp_(p.detach(), 1.0 - decay)
         for e, b in zip(self.module.buffers(), model.buffers(), strict=True):
             e.copy_(b)
 
@@ -255,7 +261,16 @@ class Trainer:
         o = self.cfg.optim
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, o.milestones, o.gamma)
+        if o.schedule == "cosine":
+            self.scheduler: torch.optim.lr_scheduler.LRScheduler = (
+                torch.optim.lr_scheduler.CosineAnnealingLR(
+                    self.optimizer, self.cfg.train.iterations, o.min_lr
+                )
+            )
+        else:
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                self.optimizer, o.milestones, o.gamma
+            )
 
     def _load_data(self) -> None:
         d = self.cfg.data
@@ -370,7 +385,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.step + 1)
         return loss.detach()
 
     def _validate(self) -> None:

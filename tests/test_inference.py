@@ -332,3 +332,34 @@ def test_upscale_by_model_name_is_matlab_bicubic() -> None:
         upscale(Nearest(2), a, scale=4)
     with pytest.raises(ValueError, match="uint8 or uint16"):
         upscale(Nearest(2), a.astype(np.float32))
+
+
+def test_bf16_precision_keeps_attention_in_float32() -> None:
+    """bf16 autocast changes the convolutions (on a smooth input the output moves by under two
+    grey levels) while the attention kernel still sees float32 with autocast off."""
+    from nlsr.attention import nla
+    from nlsr.models import create
+
+    seen: list[tuple[torch.dtype, bool]] = []
+    inner = nla._BlockedAttention.apply
+
+    def spy(query: torch.Tensor, *args: object) -> torch.Tensor:
+        seen.append((query.dtype, torch.is_autocast_enabled("cpu")))
+        return inner(query, *args)
+
+    torch.manual_seed(0)
+    model = create("edsr", 2, n_resblocks=2, n_feats=16, attention="nla").eval()
+    y, x = torch.meshgrid(torch.linspace(0, 1, 20), torch.linspace(0, 1, 24), indexing="ij")
+    lr = torch.stack([x, y, (x + y) / 2]).unsqueeze(0)
+    full = forward(model, lr)
+    nla._BlockedAttention.apply = spy
+    try:
+        half = forward(model, lr, precision="bf16")
+    finally:
+        nla._BlockedAttention.apply = inner
+    assert seen == [(torch.float32, False)]
+    assert half.dtype == torch.float32
+    diff = (half - full).abs().max().item()
+    assert 0 < diff < 2 / 255, diff
+    with pytest.raises(ValueError, match="precision"):
+        forward(model, lr, precision="fp8")

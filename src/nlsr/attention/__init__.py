@@ -5,10 +5,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_LOW = (torch.float16, torch.bfloat16)
 
 _BLOCKS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -23,6 +28,29 @@ def register_attention(name: str) -> Callable[[Callable[..., nn.Module]], Callab
         return factory
 
     return wrap
+
+
+def in_float32(fn: _F) -> _F:
+    """Decorator for the attention kernels: under autocast or with half/bfloat16 inputs, run
+    ``fn`` in float32 with autocast off. Scores feed ``exp`` and long sums, where bfloat16's
+    8-bit mantissa would cost far more than the convolutions around them gain (bf16 "where
+    safe")."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        device = tensors[0].device.type if tensors else "cpu"
+        low = any(t.dtype in _LOW for t in tensors)
+        if not low and not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+
+        def cast(a: Any) -> Any:
+            return a.float() if isinstance(a, Tensor) and a.dtype in _LOW else a
+
+        with torch.autocast(device, enabled=False):
+            return fn(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _load_all() -> None:

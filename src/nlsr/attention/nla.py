@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from nlsr.attention import register_attention
+from nlsr.attention import in_float32, register_attention
 
 #: Score elements (N x block x L) computed at once when ``block_size`` is automatic: 2**22
 #: float32 values are 16 MiB per buffer, a few tens of MiB peak for any image size.
@@ -134,6 +134,7 @@ class _BlockedAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
+@in_float32
 def attend_blocked(
     query: Tensor,
     key: Tensor,

@@ -13,6 +13,7 @@ from nlsr.attention.buckets import (
     attention_pattern,
     bucket_attention,
     bucket_count,
+    choose_backend,
     effective_chunk,
     hash_codes,
     pad_order,
@@ -253,3 +254,93 @@ def test_rejects_bad_shapes():
         torch.zeros(1, 1, 2), torch.ones(1, 1, 1), torch.zeros(1, 1, 1).long(), 4
     )
     assert one.shape == (1, 1, 1) and math.isclose(float(one), 1.0, abs_tol=1e-6)
+
+
+# ---------------------------------------------------------------- the SDPA backend
+
+
+def _output_and_grads(backend, q, v, codes, chunk, bias):
+    """Output and gradients (w.r.t. q, v and bias if given) of a fixed random projection."""
+    inputs = [t.clone().requires_grad_() for t in (q, v) + (() if bias is None else (bias,))]
+    out = bucket_attention(
+        inputs[0], inputs[1], codes, chunk, key_bias=inputs[2] if bias is not None else None,
+        backend=backend,
+    )
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weight = weight.to(out.dtype)
+    return out, torch.autograd.grad((out * weight).sum(), inputs)
+
+
+@pytest.mark.parametrize(
+    ("n", "length", "chunk"),
+    # no padding (5 chunks); tail padding; L < 3 * chunk with 3, 2 and 1 padded chunks; a chunk
+    # shrunk to L (padding would exceed L)
+    [(2, 40, 8), (2, 37, 8), (1, 20, 8), (1, 9, 8), (1, 5, 8), (2, 3, 8)],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_sdpa_backend_matches_blocked_and_naive(n, length, chunk, with_bias):
+    g = torch.Generator().manual_seed(100 + length)
+    q = torch.randn(n, length, 5, generator=g, dtype=torch.float64)
+    q[0, :1] *= 1e-6  # a norm below the key eps
+    v = torch.randn(n, length, 3, generator=g, dtype=torch.float64)
+    codes = torch.randint(0, 4, (n, 1, length), generator=g)
+    bias = (
+        torch.randn(n, length, chunk + 2, generator=g, dtype=torch.float64) if with_bias else None
+    )
+    got, got_grads = _output_and_grads("sdpa", q, v, codes, chunk, bias)
+    want, want_grads = _output_and_grads("blocked", q, v, codes, chunk, bias)
+    assert got.shape == want.shape == (n, length, 3)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    naive = naive_bucket_attention(q, v, codes, effective_chunk(length, chunk), bias)
+    torch.testing.assert_close(got, naive, rtol=0, atol=1e-10)
+    assert len(got_grads) == len(want_grads) == (3 if with_bias else 2)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_backend_errors():
+    q, v = torch.randn(1, 12, 4), torch.randn(1, 12, 2)
+    codes = torch.zeros(1, 2, 12, dtype=torch.long)
+    with pytest.raises(ValueError, match="single hash round, got 2 rounds"):
+        bucket_attention(q, v, codes, 4, backend="sdpa")
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        bucket_attention(q, v, codes[:, :1], 4, backend="flash")
+    assert choose_backend("auto", q, 2) == "blocked"
+    assert choose_backend("sdpa", q, 1) == "sdpa"
+
+
+def test_auto_on_cpu_is_the_blocked_path():
+    """Bitwise the blocked result and gradients, in its channel-major layout (SDPA's is
+    row-major), for one round and several."""
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 37, 4, generator=g)
+    v = torch.randn(2, 37, 3, generator=g)
+    bias = torch.randn(2, 37, 8, generator=g)
+    for rounds in (1, 2):
+        codes = torch.randint(0, 4, (2, rounds, 37), generator=g)
+        auto, auto_grads = _output_and_grads("auto", q, v, codes, 8, bias)
+        blocked, blocked_grads = _output_and_grads("blocked", q, v, codes, 8, bias)
+        assert torch.equal(auto, blocked)
+        assert all(map(torch.equal, auto_grads, blocked_grads))
+        assert auto.transpose(1, 2).is_contiguous() and not auto.is_contiguous()
+    assert choose_backend("auto", q, 1) == "blocked"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("backend", "rounds"), [("blocked", 1), ("blocked", 2), ("sdpa", 1)])
+def test_half_precision_on_cpu(dtype, backend, rounds):
+    """Half-precision inputs work on both paths and stay close to the float64 result; the
+    blocked path computes (and returns) float32, SDPA keeps the input dtype."""
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 37, 5, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 37, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(2, 37, 8, generator=g, dtype=torch.float64)
+    codes = torch.randint(0, 4, (2, rounds, 37), generator=g)
+    want, want_grads = _output_and_grads("blocked", q, v, codes, 8, bias)
+    half = [t.to(dtype) for t in (q, v, bias)]
+    got, got_grads = _output_and_grads(backend, half[0], half[1], codes, 8, half[2])
+    assert got.dtype == (torch.float32 if backend == "blocked" else dtype)
+    assert all(t.dtype == dtype for t in got_grads)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-2)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=6e-2)

@@ -284,3 +284,27 @@ def test_bad_options_are_value_errors() -> None:
         create("lcoan", 2, centroid_update="sgd")
     with pytest.raises(ValueError, match="ema_decay"):
         create("lcoan", 2, n_feats=8, n_resgroups=1, ema_decay=1.5)
+
+
+def test_standalone_sdpa_backend_equals_blocked() -> None:
+    """One round (the default): LCoA's standalone forward gives the same output and input
+    gradient with SDPA as with the blocked path; unknown backends are rejected."""
+    torch.manual_seed(0)
+    blocked = create_attention("lcoa", 6, n_clusters=5, window_size=8, attention_backend="blocked")
+    sdpa = create_attention("lcoa", 6, n_clusters=5, window_size=8, attention_backend="sdpa")
+    blocked.double()
+    blocked.kmeans.means.copy_(torch.randn(1, 5, 6, dtype=torch.float64))
+    blocked.kmeans.initted.fill_(True)
+    sdpa.double().load_state_dict(blocked.state_dict())
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)  # 35 positions: a padded last window
+    outs, grads = [], []
+    for block in (blocked, sdpa):
+        xi = x.clone().requires_grad_()
+        out = block(xi)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outs.append(out)
+        grads.append(xi.grad)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        LCoA(6, attention_backend="dense")

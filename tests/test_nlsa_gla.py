@@ -225,3 +225,44 @@ def test_released_baseline_equals_the_blocks(name):
             theirs = baseline(x)
         assert (ours - theirs).abs().max().item() <= 1e-5
         assert (ours - x).abs().max().item() > 1e-3  # the attention is not negligible
+
+
+# ---------------------------------------------------------------- attention backends
+
+
+@pytest.mark.parametrize("name", ["nlsa", "gla"])
+def test_sdpa_backend_equals_blocked_in_the_blocks(name):
+    """One hash round: the same block computed with SDPA and with the blocked path gives the same
+    output and gradients (input and parameters), with and without tail padding."""
+    torch.manual_seed(0)
+    blocked = create_attention(name, 8, chunk_size=16, n_hashes=1, attention_backend="blocked")
+    sdpa = create_attention(name, 8, chunk_size=16, n_hashes=1, attention_backend="sdpa")
+    sdpa.load_state_dict(blocked.state_dict())
+    blocked, sdpa = blocked.double(), sdpa.double()
+    for hw in [(8, 8), (7, 9)]:  # 4 chunks; 63 positions -> 4 chunks, the last one padded
+        x = torch.randn(2, 8, *hw, dtype=torch.float64)
+        results = []
+        for block in (blocked, sdpa):
+            block.zero_grad()
+            block.generator = torch.Generator().manual_seed(3)
+            xi = x.clone().requires_grad_()
+            out = block(xi)
+            weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+            (out * weight).sum().backward()
+            grads = [xi.grad] + [p.grad for p in block.parameters()]
+            results.append((out, grads))
+        (out_b, grads_b), (out_s, grads_s) = results
+        torch.testing.assert_close(out_s, out_b, rtol=0, atol=1e-10)
+        assert (out_b - x).abs().max().item() > 1e-3  # the attention is not negligible
+        for gs, gb in zip(grads_s, grads_b, strict=True):
+            torch.testing.assert_close(gs, gb, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("block", [NonLocalSparseAttention, GlobalLearnableAttention])
+def test_attention_backend_option_is_checked(block):
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        block(8, chunk_size=16, attention_backend="fused")
+    several = block(8, chunk_size=16, n_hashes=2, attention_backend="sdpa")
+    with pytest.raises(ValueError, match="got 2 rounds"), torch.no_grad():
+        several(torch.randn(1, 8, 6, 6))
+    assert "attention_backend" not in " ".join(several.state_dict())

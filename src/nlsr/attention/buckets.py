@@ -46,6 +46,13 @@ How it is computed (the result is the above up to float rounding):
   and probabilities in the backward pass (FlashAttention style), so training memory is O(L).
 * **Layout.** Results are stored channel-major (their ``transpose(1, 2)`` is a contiguous
   feature map) and row-major copies are made with ``copy_``'s blocked 2-D transposes.
+* **SDPA (one round).** ``bucket_attention(..., backend="sdpa")`` instead gathers every chunk's
+  queries and its window of ``3 * chunk`` keys and values (one ``index_select`` each, same
+  layout and padding), passes the key bias as a float mask and calls
+  ``F.scaled_dot_product_attention`` with ``scale=1``, whose fused CUDA kernels and backward do
+  the rest. It returns no log-sum-exp, so it cannot merge rounds; ``backend="auto"`` takes it
+  only for one round on CUDA and keeps the blocked path everywhere else
+  (:func:`choose_backend`).
 
 Collaborative attention (LCoAN) computes a :class:`BucketPattern` -- the merged probabilities,
 materialised once -- with :func:`attention_pattern` and applies it to the values of several
@@ -67,10 +74,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from nlsr.attention import in_float32
+
 #: Key normalisation epsilon of the released code (``F.normalize(..., eps=5e-5)``).
 KEY_EPS = 5e-5
 #: Scores computed at once (one block of chunks): 2**20 float32 values are 4 MiB per buffer.
 BLOCK_ELEMENTS = 2**20
+#: Computations of :func:`bucket_attention`: choose automatically, the blocked autograd
+#: function, or ``torch.nn.functional.scaled_dot_product_attention`` (one round only).
+BACKENDS = ("auto", "blocked", "sdpa")
 
 
 def bucket_count(length: int, chunk_size: int, cap: int = 128, minimum: int = 1) -> int:
@@ -488,6 +500,68 @@ def residual(input: Tensor, out: Tensor, scale: float) -> Tensor:
     return maps.mul_(scale).add_(input)
 
 
+def check_backend(backend: str) -> str:
+    """``backend`` if it names a computation of :func:`bucket_attention`, else a ValueError (so
+    that a misspelt option fails when a block is built, not at its first forward)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def choose_backend(backend: str, queries: Tensor, rounds: int) -> str:
+    """The computation (``"blocked"`` or ``"sdpa"``) that ``backend`` means for ``rounds`` rounds
+    of ``queries``: ``"auto"`` takes SDPA only for one round on CUDA, where fused kernels exist.
+
+    SDPA returns no log-sum-exp, which the merge of several rounds needs, so an explicit
+    ``"sdpa"`` with ``rounds > 1`` is a ValueError.
+    """
+    if check_backend(backend) == "auto":
+        return "sdpa" if rounds == 1 and queries.is_cuda else "blocked"
+    if backend == "sdpa" and rounds > 1:
+        raise ValueError(
+            f"attention backend 'sdpa' handles a single hash round, got {rounds} rounds "
+            "(merging rounds needs their log-sum-exp): use 'blocked' or 'auto'"
+        )
+    return backend
+
+
+def _sdpa_attention(
+    queries: Tensor, values: Tensor, bias: Tensor | None, layout: BucketLayout, eps: float
+) -> Tensor:
+    """One-round bucketed attention ``[N, L, C]`` (row-major) with
+    ``F.scaled_dot_product_attention`` over the chunks, differentiable through its autograd.
+
+    Every chunk is one "head" ``[chunk, d]`` attending to its window of ``3 * chunk`` keys
+    (previous, own, next chunk), gathered with one ``index_select`` each; the key bias is a
+    float mask viewing the gathered rows as overlapping windows, as :func:`_bias_windows` does.
+    Padded query copies are computed and dropped by the final un-sorting gather.
+    """
+    n, length, d = queries.shape
+    c, nc = layout.chunk, layout.n_chunks
+    q = _rows(queries)
+    v = _rows(values)
+    keys = torch.nn.functional.normalize(q, dim=-1, eps=eps)
+    windows = layout.rows.unfold(1, 3 * c, c).reshape(-1)  # [N * nc * 3c] key rows
+    slots = layout.rows[:, c:-c]  # [N, nc * c] query rows in sorted order
+    mask = None
+    if bias is not None:
+        by_slot = _rows(bias).index_select(0, layout.rows.reshape(-1))
+        by_slot = by_slot.view(n, -1, c).transpose(1, 2).contiguous()  # [N, c, (nc + 2) * c]
+        mask = by_slot.unfold(2, 3 * c, c).transpose(1, 2)  # [N, nc, c (query), 3c (key)]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.index_select(0, slots.reshape(-1)).view(n, nc, c, d),
+        keys.index_select(0, windows).view(n, nc, 3 * c, d),
+        v.index_select(0, windows).view(n, nc, 3 * c, -1),
+        attn_mask=mask,
+        scale=1.0,
+    )
+    # Un-sort: the first L sorted slots of each sequence hold every position once.
+    flat_slots = torch.arange(n * nc * c, device=slots.device).view(n, -1)[:, :length]
+    positions = slots[:, :length].reshape(-1)
+    where = torch.empty_like(positions).index_copy_(0, positions, flat_slots.reshape(-1))
+    return out.reshape(n * nc * c, -1).index_select(0, where).view(n, length, -1)
+
+
 def _check(queries: Tensor, codes: Tensor) -> None:
     if queries.dim() != 3 or codes.dim() != 3:
         raise ValueError(
@@ -507,6 +581,7 @@ def bucket_attention(
     *,
     key_bias: Tensor | None = None,
     eps: float = KEY_EPS,
+    backend: str = "auto",
 ) -> Tensor:
     """Bucketed attention ``[N, L, C]`` with rounds merged (module doc), differentiable.
 
@@ -514,16 +589,28 @@ def bucket_attention(
     ``values`` ``[N, L, C]``, ``codes`` integer ``[N, R, L]`` (one row per round, no offsets
     needed). ``key_bias`` ``[N, L, >= chunk]``: additive score ``key_bias[j, i]`` for key position
     ``j`` seen by a query in chunk slot ``i`` (GLA's learnable term); only the first
-    ``effective_chunk`` slots are used. The result is stored channel-major (its
-    ``transpose(1, 2)`` is contiguous).
+    ``effective_chunk`` slots are used. ``backend`` (:data:`BACKENDS`) picks the computation
+    (:func:`choose_backend`). The blocked result is stored channel-major (its
+    ``transpose(1, 2)`` is contiguous), the SDPA result row-major; :func:`residual` takes both.
     """
     _check(queries, codes)
     if values.dim() != 3 or values.shape[:2] != queries.shape[:2]:
         raise ValueError(
             f"values {tuple(values.shape)} do not match queries {tuple(queries.shape)}"
         )
+    use_sdpa = choose_backend(backend, queries, codes.shape[1]) == "sdpa"
     layout = bucket_layout(codes, chunk_size)
     bias = None if key_bias is None else key_bias[..., : layout.chunk]
+    if use_sdpa:
+        return _sdpa_attention(queries, values, bias, layout, eps)
+    return _blocked_attention(queries, values, bias, layout, eps)
+
+
+@in_float32
+def _blocked_attention(
+    queries: Tensor, values: Tensor, bias: Tensor | None, layout: BucketLayout, eps: float
+) -> Tensor:
+    """The blocked computation (module doc), in float32 under autocast."""
     return _BucketAttention.apply(queries, values, bias, layout, eps)
 
 
@@ -670,6 +757,7 @@ class BucketPattern:
         return self.layout.chunk
 
 
+@in_float32
 def attention_pattern(
     queries: Tensor, codes: Tensor, chunk_size: int, *, eps: float = KEY_EPS
 ) -> BucketPattern:
@@ -684,6 +772,7 @@ def attention_pattern(
     return BucketPattern(probs=probs, layout=layout, lse=lse)
 
 
+@in_float32
 def apply_pattern(pattern: BucketPattern, values: Tensor) -> Tensor:
     """Attend ``values`` ``[N, L, C]`` with a computed pattern: ``[N, L, C]``, rounds merged.
 

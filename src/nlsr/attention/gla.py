@@ -15,6 +15,7 @@ from nlsr.attention import register_attention
 from nlsr.attention.buckets import (
     bucket_attention,
     bucket_count,
+    check_backend,
     hash_codes,
     residual,
 )
@@ -44,7 +45,9 @@ class GlobalLearnableAttention(nn.Module):
     differs when ``n_buckets > d``). ``learnable=False`` drops the learnable score term (ablation;
     no ``conv_assembly_fc``/``fc`` parameters). For ``H * W < chunk_size`` (where the release
     crashes) one bucket is used and all positions share one chunk (see
-    :func:`nlsr.attention.buckets.effective_chunk`).
+    :func:`nlsr.attention.buckets.effective_chunk`). ``attention_backend`` picks the computation
+    of the bucketed attention ("auto", "blocked" or "sdpa"; see
+    :func:`nlsr.attention.buckets.choose_backend`).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class GlobalLearnableAttention(nn.Module):
         k_size: int = 3,
         super_bit: bool = False,
         learnable: bool = True,
+        attention_backend: str = "auto",
     ):
         super().__init__()
         if channels % reduction or channels < reduction:
@@ -73,6 +77,7 @@ class GlobalLearnableAttention(nn.Module):
         self.res_scale = res_scale
         self.super_bit = super_bit
         self.learnable = learnable
+        self.attention_backend = check_backend(attention_backend)
         self.conv_match = _conv_relu(channels, channels // reduction, k_size)
         self.conv_assembly = _conv_relu(channels, channels, k_size)
         if learnable:
@@ -123,5 +128,7 @@ class GlobalLearnableAttention(nn.Module):
         if self.learnable:
             bias = self.fc(self.conv_assembly_fc(input).flatten(2).transpose(1, 2))  # [N, L, chunk]
         codes = self.hash_codes(x.detach(), bucket_count(h * w, self.chunk_size))
-        out = bucket_attention(x, y, codes, self.chunk_size, key_bias=bias)  # [N, L, C]
+        out = bucket_attention(
+            x, y, codes, self.chunk_size, key_bias=bias, backend=self.attention_backend
+        )  # [N, L, C]
         return residual(input, out, self.res_scale)

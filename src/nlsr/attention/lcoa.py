@@ -19,6 +19,7 @@ from nlsr.attention.buckets import (
     apply_pattern,
     attention_pattern,
     bucket_attention,
+    check_backend,
     hash_codes,
     residual,
 )
@@ -104,6 +105,9 @@ class LCoA(nn.Module):
 
     ``forward(x)`` computes its own pattern (standalone use, e.g. inside EDSR/RCAN);
     ``forward_shared(x, pattern)`` reuses a pattern from an earlier block and returns it.
+    ``attention_backend`` ("auto", "blocked" or "sdpa"; see
+    :func:`nlsr.attention.buckets.choose_backend`) applies to ``forward`` only: a shared pattern
+    keeps its probabilities, which SDPA does not return.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class LCoA(nn.Module):
         ema_decay: float = 0.999,
         centroid_update: str = "none",
         k_size: int = 3,
+        attention_backend: str = "auto",
     ):
         super().__init__()
         if centroid_update not in CENTROID_UPDATES:
@@ -135,6 +140,7 @@ class LCoA(nn.Module):
         self.window_size = window_size
         self.res_scale = res_scale
         self.centroid_update = centroid_update
+        self.attention_backend = check_backend(attention_backend)
         #: Random source for the k-means initialisation (None: torch's global generator).
         self.generator: torch.Generator | None = None
         self.kmeans = KMeans(n_rounds, channels // reduction, n_clusters, ema_decay)
@@ -174,4 +180,7 @@ class LCoA(nn.Module):
         no pattern is kept, so memory stays O(H*W))."""
         embed, codes = self._embed_and_codes(x)
         values = self.conv_assembly(x).flatten(2).transpose(1, 2)
-        return residual(x, bucket_attention(embed, values, codes, self.window_size), self.res_scale)
+        out = bucket_attention(
+            embed, values, codes, self.window_size, backend=self.attention_backend
+        )
+        return residual(x, out, self.res_scale)

@@ -14,6 +14,7 @@ from nlsr.attention import register_attention
 from nlsr.attention.buckets import (
     bucket_attention,
     bucket_count,
+    check_backend,
     hash_codes,
     residual,
 )
@@ -28,6 +29,8 @@ class NonLocalSparseAttention(nn.Module):
     ``self.projections`` holds a fixed tensor of that layout (``projections.pt`` of the official
     fixtures). For ``H * W < chunk_size`` (where the release crashes) two buckets are used and all
     positions share one chunk (see :func:`nlsr.attention.buckets.effective_chunk`).
+    ``attention_backend`` picks the computation of the bucketed attention ("auto", "blocked" or
+    "sdpa"; see :func:`nlsr.attention.buckets.choose_backend`).
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class NonLocalSparseAttention(nn.Module):
         chunk_size: int = 144,
         res_scale: float = 0.1,
         k_size: int = 3,
+        attention_backend: str = "auto",
     ):
         super().__init__()
         if channels % reduction or channels < reduction:
@@ -52,6 +56,7 @@ class NonLocalSparseAttention(nn.Module):
         self.n_hashes = n_hashes
         self.reduction = reduction
         self.res_scale = res_scale
+        self.attention_backend = check_backend(attention_backend)
         d = channels // reduction
         self.conv_match = nn.Sequential(nn.Conv2d(channels, d, k_size, padding=k_size // 2))
         self.conv_assembly = nn.Sequential(nn.Conv2d(channels, channels, 1))
@@ -87,5 +92,7 @@ class NonLocalSparseAttention(nn.Module):
         y = self.conv_assembly(input).flatten(2).transpose(1, 2)  # [N, L, C]
         n_buckets = bucket_count(h * w, self.chunk_size, minimum=2)
         codes = self.hash_codes(x.detach(), n_buckets)
-        out = bucket_attention(x, y, codes, self.chunk_size)  # [N, L, C]
+        out = bucket_attention(
+            x, y, codes, self.chunk_size, backend=self.attention_backend
+        )  # [N, L, C]
         return residual(input, out, self.res_scale)

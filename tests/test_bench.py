@@ -283,3 +283,14 @@ def test_released_baseline_rows_and_ratios(tmp_path: Path) -> None:
         assert q["cpu_ratio"] == pytest.approx(want)
     with pytest.raises(SystemExit):
         main(["bench", "--blocks", "gla", "--baseline", "authors"])
+
+
+def test_resblock_reference_row(tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    status = main(["bench", "--blocks", "resblock", "--sizes", "8", "--repeat", "1",
+                   "--channels", "16", "--device", "cpu", "--mode", "infer", "--json", str(out),
+                   "--quiet"])
+    assert status == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["name"] == "resblock" and row["status"] == "ok"
+    assert row["parameters"] == 2 * (16 * 16 * 9 + 16)  # two 3x3 convolutions with bias

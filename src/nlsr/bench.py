@@ -434,6 +434,10 @@ def profile_ops(
 # whole [N, L, L] score matrix at once and sparsemax over it (ReleasedHSPA).
 # --------------------------------------------------------------------------------------------
 
+#: A block name that is no attention: the conv-ReLU-conv residual block around the attention
+#: blocks in every network, measured as the reference for their time and memory.
+REFERENCE_BLOCK = "resblock"
+
 #: Values of ``Settings.baseline``: None, or "released" (rows named ``NAME@released``).
 BASELINES = ("released",)
 
@@ -820,6 +824,11 @@ def _targets(
         )
     released = settings.baseline == "released"
     for name in settings.blocks:
+        if name == REFERENCE_BLOCK:
+            from nlsr.models.common import ResBlock
+
+            yield "block", name, lambda: ResBlock(settings.channels).to(device)
+            continue
         yield "block", name, lambda n=name: create_attention(n, settings.channels).to(device)
         if released and name in ("nlsa", "gla", "hspa"):
             yield (

@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--blocks",
         help="attention blocks, comma-separated (default: all registered, unless --models is "
-        "given); 'none' for no block",
+        "given); 'resblock' adds the conv-ReLU-conv block as a reference; 'none' for no block",
     )
     p.add_argument(
         "--models",
@@ -86,7 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Validate the command line and turn it into :class:`nlsr.bench.Settings`."""
     from nlsr.attention import available_attention
-    from nlsr.bench import MODES, BenchError, Settings, parse_bytes
+    from nlsr.bench import MODES, REFERENCE_BLOCK, BenchError, Settings, parse_bytes
 
     registered = available_attention()
     models = _names(args.models)
@@ -96,7 +96,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         blocks = []
     else:
         blocks = _names(args.blocks)
-        unknown = [b for b in blocks if b not in registered]
+        unknown = [b for b in blocks if b not in registered and b != REFERENCE_BLOCK]
         if unknown:
             raise BenchError(
                 f"--blocks: {', '.join(unknown)} not registered; available: {', '.join(registered)}"

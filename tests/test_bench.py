@@ -294,3 +294,20 @@ def test_resblock_reference_row(tmp_path: Path) -> None:
     (row,) = json.loads(out.read_text())["rows"]
     assert row["name"] == "resblock" and row["status"] == "ok"
     assert row["parameters"] == 2 * (16 * 16 * 9 + 16)  # two 3x3 convolutions with bias
+
+
+def test_saved_results_are_merged_and_reprinted(tmp_path: Path, capsys) -> None:
+    a, b, merged = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
+    for path, size in ((a, "8"), (b, "12")):
+        assert main(["bench", "--blocks", "resblock", "--sizes", size, "--repeat", "1",
+                     "--channels", "8", "--device", "cpu", "--mode", "infer", "--json",
+                     str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "--from-json", str(a), str(b), "--json", str(merged)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(merged.read_text())["rows"]
+    saved = [json.loads(p.read_text())["rows"][0] for p in (a, b)]
+    assert rows == saved and "resblock" in out
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["bench", "--from-json", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json" in capsys.readouterr().err

@@ -1092,6 +1092,30 @@ def write_json(report: Report, path: str | Path) -> Path:
     return _atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n"))
 
 
+def read_json(paths: Sequence[str | Path]) -> Report:
+    """The reports written by :func:`write_json` to ``paths``, merged into one (rows and fits in
+    order; environment and settings of the first), to re-print or re-plot saved results."""
+    if not paths:
+        raise BenchError("read_json: no files given")
+    reports = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise BenchError(f"{path}: cannot read benchmark JSON: {err}") from None
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION:
+            raise BenchError(f"{path}: not an nlsr bench JSON of schema {SCHEMA_VERSION}")
+        reports.append(data)
+    first = dict(reports[0]["settings"])
+    first["fit_range"] = tuple(first["fit_range"])
+    return Report(
+        environment=reports[0]["environment"],
+        settings=Settings(**first),
+        rows=[Row(**r) for d in reports for r in d["rows"]],
+        fits=[Fit(**f) for d in reports for f in d["fits"]],
+    )
+
+
 def require_matplotlib() -> Any:
     """``matplotlib.pyplot`` on a non-interactive backend, or a BenchError saying how to get it."""
     try:

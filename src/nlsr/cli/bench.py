@@ -80,6 +80,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="FILE.png",
                    help="log-log plot of time and memory (needs the optional extra 'bench')")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
+    p.add_argument("--from-json", metavar="FILE", nargs="+",
+                   help="measure nothing: print (and --plot) the results saved by --json in "
+                   "these files, merged")
     p.set_defaults(run=run)
 
 
@@ -156,7 +159,10 @@ def run(args: argparse.Namespace) -> int:
         def log(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
 
-        report = bench.run_suite(settings, None if args.quiet else log)
+        if args.from_json:
+            report = bench.read_json(args.from_json)
+        else:
+            report = bench.run_suite(settings, None if args.quiet else log)
     except ValueError as err:
         print(f"nlsr bench: {err}", file=sys.stderr)
         return 2

@@ -263,12 +263,6 @@ def _workspace(like: Tensor, layout: BucketLayout) -> Tensor:
     return like.new_empty(layout.chunks_per_block(), c, 3 * c)
 
 
-def _with_ones(rows: Tensor) -> Tensor:
-    """Gathered rows ``[M, F]`` with a column of ones appended: ``p @ (v, 1)`` also returns the
-    row sums of ``p``."""
-    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-
-
 def _bias_windows(bias: Tensor, chunk: int) -> Tensor:
     """Gathered key-bias rows ``[(g + 2) * chunk, chunk]`` (key, query slot) as the score term
     ``[g, chunk, 3 * chunk]`` (window, query slot, key), stored key-contiguous: transposed once
@@ -307,6 +301,17 @@ def _rows(x: Tensor) -> Tensor:
     rows = x.new_empty(n * length, width)
     for b in range(n):
         rows[b * length : (b + 1) * length].copy_(x[b])
+    return rows
+
+
+def _value_rows(values: Tensor) -> Tensor:
+    """Value rows ``(v, 1)`` ``[N*L, C + 1]``: with the ones column appended once, every block's
+    gathered rows give ``p @ (v, 1)`` (weighted values and row sums) without a per-block copy."""
+    n, length, width = values.shape
+    rows = values.new_empty(n * length, width + 1)
+    rows[:, width] = 1.0
+    for b in range(n):
+        rows[b * length : (b + 1) * length, :width].copy_(values[b])
     return rows
 
 
@@ -418,7 +423,7 @@ class _BucketAttention(torch.autograd.Function):
                 shift = norm + high
                 q[:, d:] -= high
         width = d + 1 if folded else d  # else: exact row maxima, merged online
-        v = _rows(values)
+        v = _value_rows(values)
         acc = values.new_zeros(n * length, channels)
         total = values.new_zeros(n * length, 1)
         top = None if folded else values.new_full((n * length, 1), float("-inf"))
@@ -428,7 +433,7 @@ class _BucketAttention(torch.autograd.Function):
             kb = _block_keys(q, norm, blk.key_rows, eps)[0][:, :width]
             bb = None if b is None else b.index_select(0, blk.key_rows)
             e, row_max = _block_exp(qb, kb, bb, not folded, scores[: blk.count])
-            vb = _windows(_with_ones(v.index_select(0, blk.key_rows)), c).transpose(1, 2)
+            vb = _windows(v.index_select(0, blk.key_rows), c).transpose(1, 2)
             part = torch.bmm(e, vb).view(-1, channels + 1)[: blk.valid]
             rows = blk.query_rows[: blk.valid]
             weighted, sums = part[:, :channels].contiguous(), part[:, channels:].contiguous()
@@ -440,7 +445,7 @@ class _BucketAttention(torch.autograd.Function):
         del b
         out = _channel_major(acc.div_(total), n)
         del acc
-        # The row-major values are kept instead of `values` (the backward needs rows).
+        # The value rows (v, 1) are kept instead of `values` (the backward needs rows).
         ctx.rows = (q, norm, total.log_().add_(shift if folded else top), v)  # lse per position
         ctx.save_for_backward(bias, out)
         ctx.layout, ctx.eps = layout, eps
@@ -452,7 +457,7 @@ class _BucketAttention(torch.autograd.Function):
         bias, out = ctx.saved_tensors
         q, norm, lse, v = ctx.rows
         layout: BucketLayout = ctx.layout
-        channels, c = v.shape[-1], layout.chunk
+        channels, c = v.shape[-1] - 1, layout.chunk
         n, length, _ = out.shape
         d = q.shape[1] - 1
         torch.neg(lse, out=q[:, d:])  # (q, -lse) . (k, 1) = score - lse: merged probabilities
@@ -476,7 +481,7 @@ class _BucketAttention(torch.autograd.Function):
                 grad_v.index_add_(0, blk.key_rows, _fold(dv, c))
             # (dO, -delta) . (v, 1) = dO . v - delta
             gob = torch.cat([gob, delta.index_select(0, blk.query_rows).neg_()], dim=1)
-            vb = _windows(_with_ones(v.index_select(0, blk.key_rows)), c)
+            vb = _windows(v.index_select(0, blk.key_rows), c)
             ds = torch.bmm(gob.view(blk.count, c, -1), vb, out=grad_scores[: blk.count]).mul_(p)
             keys = (kb[:, :d], key_norm)
             _score_grads(ds, blk, qb[..., :d], keys, ctx.eps, grad_q, grad_b)

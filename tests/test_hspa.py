@@ -14,8 +14,8 @@ from nlsr.attention.hspa import (
     HSPA,
     candidates,
     sparsemax,
+    sparsemax_normaliser,
     sparsemax_rows,
-    sparsemax_rows_backward,
     sparsemax_threshold,
 )
 from nlsr.attention.nla import attend_blocked
@@ -197,7 +197,7 @@ def test_blocked_sparsemax_attention_gradcheck() -> None:
     q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
 
     def blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attend_blocked(q, k, v, sparsemax_rows, sparsemax_rows_backward, block_size=3)
+        return attend_blocked(q, k, v, sparsemax_normaliser(), block_size=3)
 
     assert torch.autograd.gradcheck(blocked, (q, k, v))
     dense = naive_sparsemax(q @ k.transpose(1, 2)) @ v
@@ -346,3 +346,20 @@ def test_released_baseline_equals_the_block_with_gradients() -> None:
     for a, b in zip(g_ours, g_theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
     assert (ours - x).abs().max().item() > 1e-3  # the attention is not negligible
+
+
+@pytest.mark.parametrize("normaliser", ["softmax", "sparsemax"])
+def test_recomputed_weights_are_bitwise_the_forward_weights(normaliser: str) -> None:
+    """The backward pass rebuilds each block's weights from the saved row statistics; they must
+    be exactly the forward's, support included (no threshold search is redone)."""
+    from nlsr.attention.nla import SOFTMAX
+
+    norm = SOFTMAX if normaliser == "softmax" else sparsemax_normaliser(4)
+    gen = torch.Generator().manual_seed(9)
+    scores = 4.0 * torch.randn(3, 5, 300, generator=gen)
+    weights, stats = norm.forward(scores.clone())
+    assert stats.shape == (3, 5, 2)
+    assert torch.equal(norm.recompute(scores.clone(), stats), weights)
+    if normaliser == "sparsemax":
+        assert torch.equal(weights, sparsemax_rows(scores, 4))
+        assert 0 < int((weights > 0).sum()) < weights.numel() // 2  # a genuinely sparse case

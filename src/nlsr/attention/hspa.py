@@ -30,6 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from nlsr.attention import register_attention
 from nlsr.attention.nla import (
+    RowNormaliser,
     attend_blocked,
     check_block_size,
     check_reduction,
@@ -113,14 +114,28 @@ def sparsemax_threshold(z: Tensor, topk: int | None = None) -> tuple[Tensor, Ten
 
 def sparsemax_rows(scores: Tensor, topk: int | None = None) -> Tensor:
     """Sparsemax over the last axis (no autograd; see :func:`sparsemax` for that)."""
-    return sparsemax_rows_(scores.clone(), topk)
+    return sparsemax_rows_(scores.clone(), topk)[0]
 
 
-def sparsemax_rows_(scores: Tensor, topk: int | None = None) -> Tensor:
-    """:func:`sparsemax_rows` computed in place in ``scores``."""
-    z = scores.sub_(scores.amax(dim=-1, keepdim=True))
+def sparsemax_rows_(scores: Tensor, topk: int | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`sparsemax_rows` computed in place in ``scores``; statistics (row maximum, tau)."""
+    high = scores.amax(dim=-1, keepdim=True)
+    z = scores.sub_(high)
     tau, _ = sparsemax_threshold(z, topk)
-    return z.sub_(tau).clamp_(min=0)
+    return z.sub_(tau).clamp_(min=0), torch.cat([high, tau], dim=-1)
+
+
+def sparsemax_rows_recompute_(scores: Tensor, stats: Tensor) -> Tensor:
+    """:func:`sparsemax_rows_`'s weights from its statistics, without the threshold search."""
+    return scores.sub_(stats[..., :1]).sub_(stats[..., 1:]).clamp_(min=0)
+
+
+def sparsemax_normaliser(topk: int | None = None) -> RowNormaliser:
+    """Sparsemax rows for :func:`nlsr.attention.nla.attend_blocked` (``topk``: see
+    :func:`sparsemax_threshold`)."""
+    return RowNormaliser(
+        partial(sparsemax_rows_, topk=topk), sparsemax_rows_recompute_, sparsemax_rows_backward_
+    )
 
 
 def sparsemax_rows_backward(weights: Tensor, grad: Tensor) -> Tensor:
@@ -191,12 +206,5 @@ class HSPA(nn.Module):
         theta, phi, g = flatten_embeddings(
             self.conv_match1(x), self.conv_match2(x), self.conv_assembly(x)
         )
-        y = attend_blocked(
-            theta,
-            phi,
-            g,
-            partial(sparsemax_rows_, topk=self.topk),
-            sparsemax_rows_backward_,
-            self.block_size,
-        )
+        y = attend_blocked(theta, phi, g, sparsemax_normaliser(self.topk), self.block_size)
         return self.res_scale * y.transpose(1, 2).reshape(n, c, h, w) + x

@@ -16,10 +16,9 @@ matrix is never materialised; each query block's rows are recomputed in the back
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -29,34 +28,37 @@ from nlsr.attention import in_float32, register_attention
 #: float32 values are 16 MiB per buffer, a few tens of MiB peak for any image size.
 BLOCK_ELEMENTS = 2**22
 
-#: Row normaliser: scores (..., B, L) -> weights of the same shape (no autograd needed); it may
-#: overwrite the scores (they are a scratch buffer).
-RowForward = Callable[[Tensor], Tensor]
-#: Its vector-Jacobian product: (weights, grad of weights) -> grad of scores; it may overwrite
-#: both arguments.
-RowBackward = Callable[[Tensor, Tensor], Tensor]
+class RowNormaliser(NamedTuple):
+    """How a block of scores ``[n, B, L]`` becomes weights, row by row; all three may work in
+    place. The forward pass keeps each row's statistics (O(L) memory) so that the backward pass
+    rebuilds bitwise the same weights without searching the rows again."""
+
+    forward: Callable[[Tensor], tuple[Tensor, Tensor]]  # scores -> (weights, stats [n, B, k])
+    recompute: Callable[[Tensor, Tensor], Tensor]  # (scores, stats) -> the same weights
+    backward: Callable[[Tensor, Tensor], Tensor]  # (weights, grad of weights) -> grad of scores
 
 
-def softmax_rows(scores: Tensor) -> Tensor:
-    """Softmax over the last axis (the keys)."""
-    return F.softmax(scores, dim=-1)
+def softmax_rows_(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over the last axis in place in ``scores``; statistics (row maximum, row sum)."""
+    high = scores.amax(dim=-1, keepdim=True)
+    scores.sub_(high).exp_()
+    total = scores.sum(dim=-1, keepdim=True)
+    return scores.div_(total), torch.cat([high, total], dim=-1)
 
 
-def softmax_rows_backward(weights: Tensor, grad: Tensor) -> Tensor:
-    """Softmax Jacobian-vector product over the last axis: p * (g - <g, p>)."""
-    return weights * (grad - (grad * weights).sum(dim=-1, keepdim=True))
-
-
-def softmax_rows_(scores: Tensor) -> Tensor:
-    """:func:`softmax_rows` computed in place in ``scores``."""
-    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-    return scores.div_(scores.sum(dim=-1, keepdim=True))
+def softmax_rows_recompute_(scores: Tensor, stats: Tensor) -> Tensor:
+    """:func:`softmax_rows_`'s weights from its statistics, the same operations in place."""
+    return scores.sub_(stats[..., :1]).exp_().div_(stats[..., 1:])
 
 
 def softmax_rows_backward_(weights: Tensor, grad: Tensor) -> Tensor:
-    """:func:`softmax_rows_backward` computed in place in ``grad``: p*g - p <g, p>."""
+    """Softmax Jacobian-vector product in place in ``grad``: p*g - p <g, p>."""
     grad.mul_(weights)
     return grad.addcmul_(weights, grad.sum(dim=-1, keepdim=True), value=-1.0)
+
+
+#: The softmax of the embedded-Gaussian attention.
+SOFTMAX = RowNormaliser(softmax_rows_, softmax_rows_recompute_, softmax_rows_backward_)
 
 
 def auto_block_size(batch: int, length: int, block_size: int | None = None) -> int:
@@ -78,10 +80,11 @@ def _block(buffer: Tensor, batch: int, rows: int, length: int) -> Tensor:
 
 
 class _BlockedAttention(torch.autograd.Function):
-    """out[:, i] = normalize(q[:, i] @ k^T) @ v, one block of query rows at a time.
+    """out[:, i] = normalise(q[:, i] @ k^T) @ v, one block of query rows at a time.
 
-    Only q, k, v are saved; the backward pass recomputes each block's weights, so training
-    memory is O(block x L) too. Scores are computed into reused scratch buffers.
+    Only q, k, v and the rows' statistics are saved; the backward pass recomputes each block's
+    weights from them, so training memory is O(block x L) too. Scores are computed into reused
+    scratch buffers.
     """
 
     @staticmethod
@@ -90,27 +93,32 @@ class _BlockedAttention(torch.autograd.Function):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        row_forward: RowForward,
-        row_backward: RowBackward,
+        normaliser: RowNormaliser,
         block: int,
     ) -> Tensor:
-        ctx.save_for_backward(query, key, value)
-        ctx.row_forward, ctx.row_backward, ctx.block = row_forward, row_backward, block
         n, length = query.shape[:2]
         keys = key.shape[1]
         out = value.new_empty(n, length, value.shape[2])
+        stats: Tensor | None = None
         key_t = key.transpose(1, 2)
         scratch = _scratch(query, n, min(block, length), keys)
         for start in range(0, length, block):
             q = query[:, start : start + block]
             scores = torch.matmul(q, key_t, out=_block(scratch, n, q.shape[1], keys))
-            out[:, start : start + block] = torch.matmul(row_forward(scores), value)
+            weights, row_stats = normaliser.forward(scores)
+            if stats is None:
+                stats = row_stats.new_empty(n, length, row_stats.shape[-1])
+            stats[:, start : start + block] = row_stats
+            out[:, start : start + block] = torch.matmul(weights, value)
+        ctx.save_for_backward(query, key, value, stats)
+        ctx.normaliser, ctx.block = normaliser, block
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        query, key, value = ctx.saved_tensors
+        query, key, value, stats = ctx.saved_tensors
+        normaliser: RowNormaliser = ctx.normaliser
         length, block = query.shape[1], ctx.block
         n, keys = query.shape[0], key.shape[1]
         grad_q = torch.empty_like(query)
@@ -125,13 +133,13 @@ class _BlockedAttention(torch.autograd.Function):
             q, go = query[:, span], grad_out[:, span]
             size = q.shape[1]
             scores = torch.matmul(q, key_t, out=_block(scores_scratch, n, size, keys))
-            weights = ctx.row_forward(scores)
+            weights = normaliser.recompute(scores, stats[:, span])
             grad_v += torch.matmul(weights.transpose(1, 2), go)
             grad_w = torch.matmul(go, value_t, out=_block(grad_scratch, n, size, keys))
-            grad_scores = ctx.row_backward(weights, grad_w)
+            grad_scores = normaliser.backward(weights, grad_w)
             grad_q[:, span] = torch.matmul(grad_scores, key)
             grad_k += torch.matmul(grad_scores.transpose(1, 2), q)
-        return grad_q, grad_k, grad_v, None, None, None
+        return grad_q, grad_k, grad_v, None, None
 
 
 @in_float32
@@ -139,15 +147,13 @@ def attend_blocked(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    row_forward: RowForward = softmax_rows_,
-    row_backward: RowBackward = softmax_rows_backward_,
+    normaliser: RowNormaliser = SOFTMAX,
     block_size: int | None = None,
 ) -> Tensor:
-    """``row_forward(query @ key^T) @ value`` for ``(N, L, d)``, ``(N, L, d)``, ``(N, L, C)``,
-    computed ``block_size`` query rows at a time (automatic when None), differentiable. The row
-    functions may work in place (see :data:`RowForward`, :data:`RowBackward`)."""
+    """``normalise(query @ key^T) @ value`` for ``(N, L, d)``, ``(N, L, d)``, ``(N, L, C)``,
+    computed ``block_size`` query rows at a time (automatic when None), differentiable."""
     block = auto_block_size(query.shape[0], key.shape[1], block_size)
-    return _BlockedAttention.apply(query, key, value, row_forward, row_backward, block)
+    return _BlockedAttention.apply(query, key, value, normaliser, block)
 
 
 def conv1x1_prelu(in_channels: int, out_channels: int) -> nn.Sequential:

@@ -266,3 +266,20 @@ def test_attention_backend_option_is_checked(block):
     with pytest.raises(ValueError, match="got 2 rounds"), torch.no_grad():
         several(torch.randn(1, 8, 6, 6))
     assert "attention_backend" not in " ".join(several.state_dict())
+
+
+def test_gla_learnable_term_in_slices_equals_the_whole(monkeypatch):
+    """Without autograd the fc of GLA's learnable term runs on slices of positions (inference
+    memory); the block's output is the one computed with the whole map at once."""
+    from nlsr.attention import gla
+
+    torch.manual_seed(0)
+    block = create_attention("gla", 16, chunk_size=8, n_hashes=2)
+    x = torch.randn(2, 16, 9, 11)
+    block.generator = torch.Generator().manual_seed(3)
+    whole = block(x).detach()  # autograd on: fc over the whole map
+    monkeypatch.setattr(gla, "FC_SLICE", 14)  # 7 positions per slice for a batch of 2
+    block.generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        sliced = block(x)
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)

@@ -443,6 +443,9 @@ class _BucketAttention(torch.autograd.Function):
             else:
                 _merge(acc, total, top, rows, weighted, sums, row_max.view(-1, 1)[: blk.valid])
         del b
+        if not any(ctx.needs_input_grad[:3]):  # inference: nothing to keep, free rows first
+            del q, norm, v
+            return _channel_major(acc.div_(total), n)
         out = _channel_major(acc.div_(total), n)
         del acc
         # The value rows (v, 1) are kept instead of `values` (the backward needs rows).

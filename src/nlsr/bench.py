@@ -34,7 +34,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +44,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nlsr.atomic import atomic_write
 
 #: Feature-map sides measured by default (positions = side**2).
 DEFAULT_SIZES = (48, 96, 192, 384)
@@ -1071,25 +1072,12 @@ def format_profile(row: Row) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_json(report: Report, path: str | Path) -> Path:
     """Write ``report.to_dict()`` to ``path`` atomically; returns the path."""
     text = json.dumps(report.to_dict(), indent=2)
-    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n"))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, (text + "\n").encode("utf-8"))
 
 
 def read_json(paths: Sequence[str | Path]) -> Report:
@@ -1133,8 +1121,10 @@ def require_matplotlib() -> Any:
 
 def plot(report: Report, path: str | Path) -> Path:
     """Log-log plot of median time and extra memory against positions, one line per target and
-    mode, written atomically to ``path`` (PNG); needs matplotlib."""
+    mode, written atomically to ``path`` (PNG); needs matplotlib. On CPU the time is the process
+    CPU time (steadier than the wall clock on a shared machine), elsewhere the wall time."""
     plt = require_matplotlib()
+    cpu = report.environment.get("device") == "cpu"
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5))
     series: dict[tuple[str, str], list[Row]] = {}
     for r in report.rows:
@@ -1144,12 +1134,14 @@ def plot(report: Report, path: str | Path) -> Path:
     for (name, mode), rs in sorted(series.items()):
         style = {"color": colors[name], "linestyle": "-" if mode == "infer" else "--",
                  "marker": "o", "label": f"{name} {mode}"}
-        ax_t.plot([r.positions for r in rs], [r.median_s for r in rs], **style)
+        times = [r.cpu_median_s if cpu else r.median_s for r in rs]
+        ax_t.plot([r.positions for r in rs], times, **style)
         mem = [(r.positions, r.extra_bytes / 2**20) for r in rs if r.extra_bytes]
         if mem:
             ax_m.plot(*zip(*mem, strict=True), **style)
     env = report.environment
-    for ax, ylabel in ((ax_t, "median time (s)"), (ax_m, "extra memory (MiB)")):
+    time_label = "median CPU time (s)" if cpu else "median time (s)"
+    for ax, ylabel in ((ax_t, time_label), (ax_m, "extra memory (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("positions (H*W)")
@@ -1160,6 +1152,8 @@ def plot(report: Report, path: str | Path) -> Path:
         f"nlsr bench: {env['device_name']}, {env['threads']} threads, torch {env['torch']}"
     )
     fig.tight_layout()
-    out = _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda fh: fig.savefig(fh, format="png", dpi=120))
     plt.close(fig)
     return out

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from nlsr.atomic import atomic_write
 
 __all__ = [
     "MANIFEST",
@@ -213,20 +214,8 @@ def _write_manifest(folder: Path, models: dict[str, dict[int, PretrainedWeights]
             },
         }
     path = folder / MANIFEST
-    _atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
+    atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # package data: readable by everyone (mkstemp makes it 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- queries

@@ -19,6 +19,7 @@ from nlsr.attention.hspa import (
     sparsemax_threshold,
 )
 from nlsr.attention.nla import attend_blocked
+from nlsr.bench import released_sparsemax_threshold
 from nlsr.models import create
 
 
@@ -117,30 +118,6 @@ def test_topk_never_caps_the_support() -> None:
     assert torch.allclose(ref[6], torch.full((300,), 1 / 300))
 
 
-def released_threshold(z: torch.Tensor, topk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The released search on whole rows: topk, doubled for rows whose support fills it, then a
-    full sort; tau and support from the sorted prefix sums."""
-
-    def prefix(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if k >= rows.shape[-1]:
-            top = rows.sort(dim=-1, descending=True).values
-        else:
-            top = rows.topk(k, dim=-1).values
-        cumsum = top.cumsum(dim=-1) - 1
-        rho = torch.arange(1, top.shape[-1] + 1, dtype=rows.dtype)
-        support = (rho * top > cumsum).sum(dim=-1, keepdim=True)
-        return cumsum.gather(-1, support - 1) / support.to(rows.dtype), support
-
-    length = z.shape[-1]
-    k = length if topk is None else min(topk, length)
-    tau, size = prefix(z, k)
-    while k < length and (size == k).any():
-        redo = (size == k).squeeze(-1)
-        k = min(2 * k, length)
-        tau[redo], size[redo] = prefix(z[redo], k)
-    return tau, size
-
-
 @pytest.mark.parametrize("length", [50, 64, 130, 1000, 5000])
 @pytest.mark.parametrize("spread", [1e-3, 0.3, 30.0])
 def test_threshold_search_equals_released_bit_for_bit(length: int, spread: float) -> None:
@@ -152,7 +129,7 @@ def test_threshold_search_equals_released_bit_for_bit(length: int, spread: float
     x[1, ::7] = x[1].max()  # ties at the maximum
     z = x - x.amax(-1, keepdim=True)
     for topk in (None, 1, 8, 128):
-        want_tau, want_size = released_threshold(z, topk)
+        want_tau, want_size = released_sparsemax_threshold(z, topk)
         tau, size = sparsemax_threshold(z, topk)
         assert torch.equal(size, want_size) and torch.equal(tau, want_tau)
 
@@ -162,7 +139,7 @@ def test_candidates_keep_the_support_and_prune_the_rest() -> None:
     z = 5.0 * torch.randn(32, 6000, generator=gen)
     z -= z.amax(-1, keepdim=True)
     kept = candidates(z)
-    tau, size = released_threshold(z, None)
+    tau, size = released_sparsemax_threshold(z, None)
     assert torch.equal((kept > tau).sum(-1, keepdim=True), size)  # every support entry kept
     assert kept.shape[-1] < 6000 // 4  # and most groups dropped (small supports here)
     short = torch.randn(3, 100, generator=gen)

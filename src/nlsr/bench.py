@@ -540,9 +540,12 @@ class ReleasedBucketAttention(nn.Module):
         return out.permute(0, 2, 1).reshape(n, -1, h, w) * b.res_scale + input
 
 
-def _released_sparsemax_threshold(z: torch.Tensor, topk: int) -> torch.Tensor:
-    """tau of every row of ``z`` (row maxima already subtracted) as released: ``topk`` sorted
-    entries, doubled for the rows whose support fills them, a full sort once that reaches L."""
+def released_sparsemax_threshold(
+    z: torch.Tensor, topk: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """tau and support size of every row of ``z`` (row maxima already subtracted) as released:
+    ``topk`` sorted entries (None: a full sort), doubled for the rows whose support fills them,
+    a full sort once that reaches L."""
 
     def prefix(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if k >= rows.shape[-1]:
@@ -555,13 +558,13 @@ def _released_sparsemax_threshold(z: torch.Tensor, topk: int) -> torch.Tensor:
         return cumsum.gather(-1, support - 1) / support.to(rows.dtype), support
 
     length = z.shape[-1]
-    k = min(topk, length)
+    k = length if topk is None else min(topk, length)
     tau, size = prefix(z, k)
     while k < length and bool((size == k).any()):
         redo = (size == k).squeeze(-1)
         k = min(2 * k, length)
         tau[redo], size[redo] = prefix(z[redo], k)
-    return tau
+    return tau, size
 
 
 class _ReleasedSparsemax(torch.autograd.Function):
@@ -573,7 +576,8 @@ class _ReleasedSparsemax(torch.autograd.Function):
         shape = scores.shape
         z = scores.reshape(-1, shape[-1])
         z = z - z.amax(dim=-1, keepdim=True)
-        out = torch.clamp(z - _released_sparsemax_threshold(z, topk), min=0).view(shape)
+        tau, _ = released_sparsemax_threshold(z, topk)
+        out = torch.clamp(z - tau, min=0).view(shape)
         ctx.save_for_backward(out)
         return out
 

@@ -508,6 +508,21 @@ def residual(input: Tensor, out: Tensor, scale: float) -> Tensor:
     return maps.mul_(scale).add_(input)
 
 
+def check_hashing_options(
+    kind: str, channels: int, reduction: int, n_hashes: int, chunk_size: int
+) -> None:
+    """The constructor checks shared by the hashing blocks (NLSA, GLA); ``kind`` names the block
+    in the message."""
+    if channels % reduction or channels < reduction:
+        raise ValueError(
+            f"{kind}: channels ({channels}) must be a multiple of reduction ({reduction})"
+        )
+    if n_hashes < 1 or chunk_size < 1:
+        raise ValueError(
+            f"{kind}: n_hashes and chunk_size must be >= 1, got {n_hashes}, {chunk_size}"
+        )
+
+
 def check_backend(backend: str) -> str:
     """``backend`` if it names a computation of :func:`bucket_attention`, else a ValueError (so
     that a misspelt option fails when a block is built, not at its first forward)."""

@@ -16,6 +16,7 @@ from nlsr.attention.buckets import (
     bucket_attention,
     bucket_count,
     check_backend,
+    check_hashing_options,
     hash_codes,
     residual,
 )
@@ -67,14 +68,7 @@ class GlobalLearnableAttention(nn.Module):
         attention_backend: str = "auto",
     ):
         super().__init__()
-        if channels % reduction or channels < reduction:
-            raise ValueError(
-                f"gla: channels ({channels}) must be a multiple of reduction ({reduction})"
-            )
-        if n_hashes < 1 or chunk_size < 1:
-            raise ValueError(
-                f"gla: n_hashes and chunk_size must be >= 1, got {n_hashes}, {chunk_size}"
-            )
+        check_hashing_options("gla", channels, reduction, n_hashes, chunk_size)
         self.chunk_size = chunk_size
         self.n_hashes = n_hashes
         self.reduction = reduction

@@ -25,18 +25,11 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from nlsr.attention import register_attention
-from nlsr.attention.nla import (
-    RowNormaliser,
-    attend_blocked,
-    check_block_size,
-    check_reduction,
-    conv1x1_prelu,
-    flatten_embeddings,
-)
+from nlsr.attention.nla import NonLocalAttention, RowNormaliser
 
 #: Width of the column groups whose maxima prune the threshold search (:func:`candidates`).
 GROUP = 64
@@ -176,9 +169,12 @@ def sparsemax(x: Tensor, dim: int = -1, topk: int | None = None) -> Tensor:
 
 
 @register_attention("hspa")
-class HSPA(nn.Module):
+class HSPA(NonLocalAttention):
     """High-similarity-pass attention: ``res_scale * sparsemax(theta phi^T) g + x`` over all
-    positions, key names as released (``conv_match1/2``, ``conv_assembly``)."""
+    positions, key names as released (``conv_match1/2``, ``conv_assembly``): the dense
+    non-local block with sparsemax rows."""
+
+    kind = "hspa"
 
     def __init__(
         self,
@@ -188,23 +184,13 @@ class HSPA(nn.Module):
         res_scale: float = 0.1,
         block_size: int | None = None,
     ):
-        super().__init__()
-        inner = check_reduction(channels, reduction, "hspa")
         if topk is not None and (not isinstance(topk, int) or topk < 1):
             raise ValueError(
                 f"hspa: option 'topk' must be a positive integer or None, got {topk!r}"
             )
+        super().__init__(channels, reduction, res_scale, block_size)
         self.topk = topk
-        self.res_scale = res_scale
-        self.block_size = check_block_size(block_size, "hspa")
-        self.conv_match1 = conv1x1_prelu(channels, inner)
-        self.conv_match2 = conv1x1_prelu(channels, inner)
-        self.conv_assembly = conv1x1_prelu(channels, channels)
 
-    def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        theta, phi, g = flatten_embeddings(
-            self.conv_match1(x), self.conv_match2(x), self.conv_assembly(x)
-        )
-        y = attend_blocked(theta, phi, g, sparsemax_normaliser(self.topk), self.block_size)
-        return self.res_scale * y.transpose(1, 2).reshape(n, c, h, w) + x
+    def normaliser(self) -> RowNormaliser:
+        """Sparsemax rows, the threshold search started from ``topk`` entries."""
+        return sparsemax_normaliser(self.topk)

@@ -187,7 +187,12 @@ def flatten_embeddings(theta: Tensor, phi: Tensor, g: Tensor) -> tuple[Tensor, T
 
 @register_attention("nla")
 class NonLocalAttention(nn.Module):
-    """Dense embedded-Gaussian non-local attention: ``res_scale * softmax(theta phi^T) g + x``."""
+    """Dense embedded-Gaussian non-local attention: ``res_scale * softmax(theta phi^T) g + x``.
+
+    Subclasses change only the row normaliser (:meth:`normaliser`; HSPA's sparsemax)."""
+
+    #: Name used in error messages.
+    kind = "nla"
 
     def __init__(
         self,
@@ -197,17 +202,21 @@ class NonLocalAttention(nn.Module):
         block_size: int | None = None,
     ):
         super().__init__()
-        inner = check_reduction(channels, reduction, "nla")
-        self.block_size = check_block_size(block_size, "nla")
+        inner = check_reduction(channels, reduction, self.kind)
+        self.block_size = check_block_size(block_size, self.kind)
         self.res_scale = res_scale
         self.conv_match1 = conv1x1_prelu(channels, inner)
         self.conv_match2 = conv1x1_prelu(channels, inner)
         self.conv_assembly = conv1x1_prelu(channels, channels)
+
+    def normaliser(self) -> RowNormaliser:
+        """How the scores of a query row become its weights."""
+        return SOFTMAX
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
         theta, phi, g = flatten_embeddings(
             self.conv_match1(x), self.conv_match2(x), self.conv_assembly(x)
         )
-        y = attend_blocked(theta, phi, g, block_size=self.block_size)
+        y = attend_blocked(theta, phi, g, self.normaliser(), self.block_size)
         return self.res_scale * y.transpose(1, 2).reshape(n, c, h, w) + x

@@ -240,7 +240,7 @@ def _block_exp(
     """``exp(q . k + bias - shift)`` ``[g, chunk, 3 * chunk]`` of one block, written into ``out``.
 
     ``queries`` ``[g, chunk, d']``, ``keys`` ``[(g + 2) * chunk, d']``, ``bias`` (gathered like the
-    keys, slot-major) ``[chunk, (g + 2) * chunk]``. The shift is either folded into the columns of
+    keys) ``[(g + 2) * chunk, chunk]``. The shift is either folded into the columns of
     ``queries``/``keys`` (returns None) or, with ``exact_max``, the row maximum (returned).
     ``out`` is a reused workspace: no fresh score-sized allocation (and page faults) per block.
     """
@@ -263,16 +263,17 @@ def _workspace(like: Tensor, layout: BucketLayout) -> Tensor:
     return like.new_empty(layout.chunks_per_block(), c, 3 * c)
 
 
-def _bias_windows(by_slot: Tensor, chunk: int) -> Tensor:
-    """Gathered slot-major key-bias columns ``[chunk, (g + 2) * chunk]`` (query slot, key) as the
-    score term ``[g, chunk, 3 * chunk]`` (window, query slot, key): a view of overlapping
-    windows, nothing is copied."""
+def _bias_windows(bias: Tensor, chunk: int) -> Tensor:
+    """Gathered key-bias rows ``[(g + 2) * chunk, chunk]`` (key, query slot) as the score term
+    ``[g, chunk, 3 * chunk]`` (window, query slot, key), stored key-contiguous: transposed once
+    by ``copy_``'s blocked 2-D path, then viewed as overlapping windows."""
+    by_slot = bias.t().contiguous()  # [chunk, (g + 2) * chunk]
     return by_slot.unfold(1, 3 * chunk, chunk).permute(1, 0, 2)
 
 
 def _fold_bias(ds: Tensor, chunk: int) -> Tensor:
     """Adjoint of :func:`_bias_windows`: score gradients ``[g, chunk, 3 * chunk]`` summed onto
-    the gathered keys, returned as rows ``[(g + 2) * chunk, chunk]`` (key, query slot)."""
+    the gathered key-bias rows ``[(g + 2) * chunk, chunk]``."""
     g = ds.shape[0]
     by_slot = ds.new_zeros(chunk, g + 2, chunk)  # [query slot, chunk, key slot]
     for k in range(3):
@@ -312,19 +313,6 @@ def _value_rows(values: Tensor) -> Tensor:
     for b in range(n):
         rows[b * length : (b + 1) * length, :width].copy_(values[b])
     return rows
-
-
-def _slot_major(bias: Tensor) -> Tensor:
-    """Key bias ``[N, L, c]`` as ``[c, N*L]`` (query slot, flat key row), so that a block gathers
-    its keys' columns with one ``index_select`` and views them as windows (:func:`_bias_windows`).
-    Free for one image whose bias is stored slot-major (as GLA computes it); else one copy."""
-    n, length, c = bias.shape
-    if n == 1 and bias[0].t().is_contiguous():
-        return bias[0].t()
-    out = bias.new_empty(c, n * length)
-    for b in range(n):
-        out[:, b * length : (b + 1) * length].copy_(bias[b].t())
-    return out
 
 
 def _channel_major(rows: Tensor, n: int) -> Tensor:
@@ -426,7 +414,7 @@ class _BucketAttention(torch.autograd.Function):
         n, length, d = queries.shape
         channels, c = values.shape[-1], layout.chunk
         q, norm = _query_rows(queries)
-        b = None if bias is None else _slot_major(bias)
+        b = None if bias is None else _rows(bias)
         shift, folded = norm, True  # the folded shift (q, -shift) . (k, 1), module doc
         if b is not None:
             high = b.amax()
@@ -443,7 +431,7 @@ class _BucketAttention(torch.autograd.Function):
         for blk in layout.blocks():
             qb = q.index_select(0, blk.query_rows).view(blk.count, c, d + 1)[..., :width]
             kb = _block_keys(q, norm, blk.key_rows, eps)[0][:, :width]
-            bb = None if b is None else b.index_select(1, blk.key_rows)
+            bb = None if b is None else b.index_select(0, blk.key_rows)
             e, row_max = _block_exp(qb, kb, bb, not folded, scores[: blk.count])
             vb = _windows(v.index_select(0, blk.key_rows), c).transpose(1, 2)
             part = torch.bmm(e, vb).view(-1, channels + 1)[: blk.valid]
@@ -478,7 +466,7 @@ class _BucketAttention(torch.autograd.Function):
         torch.neg(lse, out=q[:, d:])  # (q, -lse) . (k, 1) = score - lse: merged probabilities
         delta = (grad_out * out).sum(dim=-1).view(-1, 1)  # dO_i . O_i
         go = _rows(grad_out)
-        b = None if bias is None else _slot_major(bias)
+        b = None if bias is None else _rows(bias)
         need_q, need_v, need_b = ctx.needs_input_grad[:3]
         grad_q = q.new_zeros(n * length, d) if need_q else None
         grad_v = v.new_zeros(n * length, channels) if need_v else None
@@ -487,7 +475,7 @@ class _BucketAttention(torch.autograd.Function):
         for blk in layout.blocks():
             qb = q.index_select(0, blk.query_rows).view(blk.count, c, d + 1)
             kb, key_norm = _block_keys(q, norm, blk.key_rows, ctx.eps)
-            bb = None if b is None else b.index_select(1, blk.key_rows)
+            bb = None if b is None else b.index_select(0, blk.key_rows)
             p, _ = _block_exp(qb, kb, bb, False, probs[: blk.count])
             p.view(-1, 3 * c)[blk.valid :] = 0  # padded query copies are dropped
             gob = go.index_select(0, blk.query_rows)

@@ -30,6 +30,10 @@ def orthogonal_columns(
     return torch.nn.init.orthogonal_(torch.empty(d, k, device=device), generator=generator)
 
 
+#: Positions (over the batch) per slice of the learnable term's ``fc`` without autograd.
+FC_SLICE = 2**16
+
+
 def _conv_relu(c_in: int, c_out: int, k_size: int) -> nn.Sequential:
     """'Same' conv followed by an in-place ReLU (the released ``BasicBlock`` with ``act=ReLU``)."""
     return nn.Sequential(nn.Conv2d(c_in, c_out, k_size, padding=k_size // 2), nn.ReLU(inplace=True))
@@ -115,13 +119,17 @@ class GlobalLearnableAttention(nn.Module):
         return hash_codes(x, proj.to(device=x.device, dtype=x.dtype), signed=False)
 
     def _learnable_term(self, features: Tensor) -> Tensor:
-        """``fc`` applied at every position of the ``[N, C, L]`` features, computed slot-major:
-        ``[N, chunk, L]`` matrix products with no copy of the features, returned as its
-        ``[N, L, chunk]`` transposed view (the layout the bucketed attention gathers from)."""
-        first, _, second = self.fc
-        hidden = torch.matmul(first.weight, features).add_(first.bias.unsqueeze(-1)).relu_()
-        out = torch.matmul(second.weight, hidden).add_(second.bias.unsqueeze(-1))
-        return out.transpose(1, 2)
+        """``fc(features)`` ``[N, L, chunk]`` of the channel-major ``[N, L, C]`` features. Without
+        autograd it runs on slices of positions, so the row-major copy that ``nn.Linear`` makes
+        of its input never holds the whole map (inference memory)."""
+        if torch.is_grad_enabled():
+            return self.fc(features)
+        n, length, _ = features.shape
+        out = features.new_empty(n, length, self.fc[-1].out_features)
+        step = max(1, FC_SLICE // n)
+        for start in range(0, length, step):
+            out[:, start : start + step] = self.fc(features[:, start : start + step])
+        return out
 
     def forward(self, input: Tensor) -> Tensor:
         h, w = input.shape[-2:]
@@ -129,7 +137,7 @@ class GlobalLearnableAttention(nn.Module):
         y = self.conv_assembly(input).flatten(2).transpose(1, 2)  # [N, L, C]
         bias = None
         if self.learnable:
-            bias = self._learnable_term(self.conv_assembly_fc(input).flatten(2))
+            bias = self._learnable_term(self.conv_assembly_fc(input).flatten(2).transpose(1, 2))
         codes = self.hash_codes(x.detach(), bucket_count(h * w, self.chunk_size))
         out = bucket_attention(
             x, y, codes, self.chunk_size, key_bias=bias, backend=self.attention_backend

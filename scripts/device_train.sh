@@ -11,7 +11,8 @@
 # and name `.data` in the call's carry (/.data/ is git-ignored; it is about 60 MB of the 64 MiB a
 # call may carry). .runs/NAME stays on the machine between calls while it is warm; to continue a
 # run on a fresh machine, carry .runs/NAME too (copy checkpoint.pt and config.yaml back into it
-# first). Training stops with a checkpoint at SIGTERM, so `timeout` never loses more than the
+# first). DEVICE (default cuda) and WORKERS (default 8) override the device and loader workers.
+# Training stops with a checkpoint at SIGTERM, so `timeout` never loses more than the
 # iterations since the last checkpoint_every.
 set -euo pipefail
 name=$1
@@ -20,7 +21,7 @@ config=$3
 shift 3
 run=.runs/$name
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-common=(train.device=cuda data.workers=8 val.data_root=.data/benchmark)
+common=("train.device=${DEVICE:-cuda}" "data.workers=${WORKERS:-8}" val.data_root=.data/benchmark)
 if [[ -f $run/checkpoint.pt ]]; then
   timeout -s TERM "$seconds" python3 -m nlsr train --resume "$run" "${common[@]}" "$@" || true
 else

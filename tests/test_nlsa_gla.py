@@ -10,6 +10,7 @@ from conftest import FIXTURES, require
 
 import nlsr.models as models
 from nlsr.attention import create_attention
+from nlsr.attention.buckets import bucket_count
 from nlsr.attention.gla import GlobalLearnableAttention
 from nlsr.attention.nlsa import NonLocalSparseAttention
 from nlsr.bench import ReleasedBucketAttention, released_baseline
@@ -283,3 +284,28 @@ def test_gla_learnable_term_in_slices_equals_the_whole(monkeypatch):
     with torch.no_grad():
         sliced = block(x)
     torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_gla_recomputed_learnable_term_gives_the_plain_gradients(monkeypatch):
+    """With autograd GLA recomputes its learnable term in the backward pass (checkpoint); every
+    gradient equals plain autograd through ``fc``, and gradcheck passes for the input."""
+    from nlsr.attention import gla
+
+    torch.manual_seed(0)
+    block = create_attention("gla", 8, chunk_size=6, n_hashes=2).double()
+    block.projections = block.draw_projections(
+        bucket_count(30, 6), torch.device("cpu"), torch.float64
+    )
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    weight = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+
+    def grads() -> list[torch.Tensor]:
+        xi = x.clone().requires_grad_()
+        return list(torch.autograd.grad((block(xi) * weight).sum(), [xi, *block.parameters()]))
+
+    recomputed = grads()
+    monkeypatch.setattr(gla, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
+    plain = grads()
+    for a, b in zip(recomputed, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(block, (x.clone().requires_grad_(),), fast_mode=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from nlsr.attention import register_attention
 from nlsr.attention.buckets import (
@@ -121,9 +122,11 @@ class GlobalLearnableAttention(nn.Module):
     def _learnable_term(self, features: Tensor) -> Tensor:
         """``fc(features)`` ``[N, L, chunk]`` of the channel-major ``[N, L, C]`` features. Without
         autograd it runs on slices of positions, so the row-major copy that ``nn.Linear`` makes
-        of its input never holds the whole map (inference memory)."""
-        if torch.is_grad_enabled():
-            return self.fc(features)
+        of its input never holds the whole map (inference memory). With autograd it is
+        recomputed in the backward pass instead of keeping its input copy and hidden layer
+        (training memory)."""
+        if torch.is_grad_enabled():  # recomputed in the backward pass: keeps only `features`
+            return checkpoint(self.fc, features, use_reentrant=False)
         n, length, _ = features.shape
         out = features.new_empty(n, length, self.fc[-1].out_features)
         step = max(1, FC_SLICE // n)

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from nlsr.atomic import atomic_write
+
 REPO = Path(__file__).resolve().parents[1]
 CARD = REPO / "docs" / "model-card.md"
 SETS = ("Set5", "Set14", "B100", "Urban100")
@@ -167,6 +169,22 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _initialised_from(recipe: dict[str, Any]) -> str:
+    """Where training started: the fine-tuned or warm-started weights, or scratch."""
+    if recipe.get("finetune_from"):
+        return f"fine-tuned from {recipe['finetune_from']}"
+    if recipe.get("warm_start"):
+        return f"warm start from {recipe['warm_start']}"
+    return "scratch"
+
+
+def _schedule(recipe: dict[str, Any]) -> str:
+    """The learning-rate schedule in one cell."""
+    if recipe.get("schedule") == "cosine":
+        return f"cosine {recipe.get('lr')} -> {recipe.get('min_lr')}"
+    return f"{recipe.get('lr')}, x{recipe.get('gamma')} at {recipe.get('milestones')}"
+
+
 def model_section(name: str, shipped: dict[int, Any]) -> str:
     """Markdown: architecture, parameters, data, recipe, iterations and hardware per scale."""
     first = shipped[min(shipped)]
@@ -175,7 +193,7 @@ def model_section(name: str, shipped: dict[int, Any]) -> str:
         f"**{name}** - architecture `{first.arch}` ({opts}).",
         "",
         "| scale | parameters | file | iterations | weights | initialised from | training "
-        "data (images) | HR patch | batch | lr, milestones | EMA | trained on | code |",
+        "data (images) | HR patch | batch | learning rate | EMA | trained on | code |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for scale, w in sorted(shipped.items()):
@@ -185,10 +203,10 @@ def model_section(name: str, shipped: dict[int, Any]) -> str:
         device = t.get("hardware") or f"{t.get('device')} ({t.get('threads')} threads)"
         lines.append(
             f"| x{scale} | {w.parameters / 1e6:.3f}M | {w.file.stat().st_size / 1e6:.2f} MB | "
-            f"{t.get('iterations')} | {t.get('weights')} | {r.get('finetune_from') or 'scratch'} | "
+            f"{t.get('iterations')} | {t.get('weights')} | {_initialised_from(r)} | "
             f"{sets} ({data.get('images_used')}, {data.get('degradation')}) | "
             f"{r.get('patch_size')} | {r.get('batch_size')} | "
-            f"{r.get('lr')}, {r.get('milestones')} x{r.get('gamma')} | {r.get('ema')} | "
+            f"{_schedule(r)} | {r.get('ema')} | "
             f"{device} | {(t.get('git_commit') or '-')[:10]}, torch {t.get('torch_version')} |"
         )
     total = sum(w.file.stat().st_size for w in shipped.values()) / 1e6
@@ -267,17 +285,6 @@ def replace_between(text: str, key: str, body: str, path: Path) -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cmd_card(args: argparse.Namespace) -> int:
     """Evaluate, time, record the scores and rewrite the card."""
     from nlsr.pretrained import pretrained_weights, read_manifest, set_scores
@@ -320,7 +327,7 @@ def cmd_card(args: argparse.Namespace) -> int:
         not args.no_chop,
     )
     text = replace_between(text, "results", results, args.card)
-    write_atomic(args.card, text)
+    atomic_write(args.card, text.encode("utf-8"))
     print(f"wrote {args.card}")
     if args.json is not None:
         payload = {
@@ -331,7 +338,7 @@ def cmd_card(args: argparse.Namespace) -> int:
             },
             "seconds_per_megapixel_x2": seconds_per_mp,
         }
-        write_atomic(args.json, json.dumps(payload, indent=2) + "\n")
+        atomic_write(args.json, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
     return 0
 
 

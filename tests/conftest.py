@@ -34,3 +34,12 @@ def fixtures_dir() -> Path:
 @pytest.fixture
 def benchmark_dir() -> Path:
     return require(BENCHMARK)
+
+
+@pytest.fixture(autouse=True)
+def _no_shipped_weights(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
+    """Every test sees an empty weights folder unless it chooses one: the defaults of ``nlsr
+    upscale`` / ``nlsr eval`` (bicubic without shipped weights) do not depend on what the
+    package ships. ``test_pretrained`` sets its own folder or the packaged one."""
+    folder = tmp_path_factory.mktemp("no_weights")
+    monkeypatch.setenv("NLSR_WEIGHTS_DIR", str(folder))

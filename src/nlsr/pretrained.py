@@ -351,6 +351,7 @@ def _training_summary(config: Mapping[str, Any], hardware: str | None) -> dict[s
     data, optim, train = run.get("data", {}), run.get("optim", {}), run.get("train", {})
     found = training.get("data") or {}
     finetune = train.get("finetune_from")
+    warm = train.get("warm_start")
     summary: dict[str, Any] = {
         "weights": training.get("weights"),
         "iterations": training.get("iterations"),
@@ -364,14 +365,17 @@ def _training_summary(config: Mapping[str, Any], hardware: str | None) -> dict[s
             "optimizer": "Adam",
             "lr": optim.get("lr"),
             "betas": optim.get("betas"),
+            "schedule": optim.get("schedule", "step"),
             "milestones": optim.get("milestones"),
             "gamma": optim.get("gamma"),
+            "min_lr": optim.get("min_lr"),
             "ema": optim.get("ema"),
             "batch_size": data.get("batch_size"),
             "patch_size": data.get("patch_size"),
             "augment": data.get("augment"),
             "seed": train.get("seed"),
             "finetune_from": "/".join(Path(finetune).parts[-2:]) if finetune else None,
+            "warm_start": "/".join(Path(warm).parts[-2:]) if warm else None,
             "train_options": (run.get("model") or {}).get("options"),
         },
         "validation": training.get("best"),

@@ -543,28 +543,12 @@ class ReleasedBucketAttention(nn.Module):
 def released_sparsemax_threshold(
     z: torch.Tensor, topk: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """tau and support size of every row of ``z`` (row maxima already subtracted) as released:
-    ``topk`` sorted entries (None: a full sort), doubled for the rows whose support fills them,
-    a full sort once that reaches L."""
+    """tau and support size of every row of ``z`` ``[B, L]`` (row maxima already subtracted) as
+    released: the doubling search over whole rows from ``topk`` sorted entries (None: a full
+    sort), without nlsr's pruning of the rows."""
+    from nlsr.attention.hspa import doubling_threshold
 
-    def prefix(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if k >= rows.shape[-1]:
-            top = rows.sort(dim=-1, descending=True).values
-        else:
-            top = rows.topk(k, dim=-1).values
-        cumsum = top.cumsum(dim=-1) - 1
-        rho = torch.arange(1, top.shape[-1] + 1, device=rows.device, dtype=rows.dtype)
-        support = (rho * top > cumsum).sum(dim=-1, keepdim=True)
-        return cumsum.gather(-1, support - 1) / support.to(rows.dtype), support
-
-    length = z.shape[-1]
-    k = length if topk is None else min(topk, length)
-    tau, size = prefix(z, k)
-    while k < length and bool((size == k).any()):
-        redo = (size == k).squeeze(-1)
-        k = min(2 * k, length)
-        tau[redo], size[redo] = prefix(z[redo], k)
-    return tau, size
+    return doubling_threshold(z, z.shape[-1] if topk is None else topk)
 
 
 class _ReleasedSparsemax(torch.autograd.Function):

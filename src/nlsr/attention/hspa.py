@@ -93,16 +93,25 @@ def sparsemax_threshold(z: Tensor, topk: int | None = None) -> tuple[Tensor, Ten
     shape = (*z.shape[:-1], 1)
     rows = candidates(z.reshape(-1, z.shape[-1]))
     length = rows.shape[-1]
-    k = min(FIRST_K, length, length if topk is None else topk)
+    tau, size = doubling_threshold(rows, min(FIRST_K, length if topk is None else topk))
+    return tau.reshape(shape), size.reshape(shape)
+
+
+def doubling_threshold(rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """tau and support size ``[B, 1]`` of every row of ``rows`` ``[B, L]`` (maxima subtracted):
+    the released search, from the ``k`` largest entries, doubled for the rows whose support
+    fills them, up to a full sort; exact whatever ``k``."""
+    length = rows.shape[-1]
+    k = min(k, length)
     tau, size = _prefix_threshold(rows, k)
-    index = torch.arange(rows.shape[0], device=z.device)
+    index = torch.arange(rows.shape[0], device=rows.device)
     while k < length:
         index = index[(size[index] == k).squeeze(-1)]
         if index.numel() == 0:
             break
         k = min(2 * k, length)
         tau[index], size[index] = _prefix_threshold(rows[index], k)
-    return tau.reshape(shape), size.reshape(shape)
+    return tau, size
 
 
 def sparsemax_rows(scores: Tensor, topk: int | None = None) -> Tensor:

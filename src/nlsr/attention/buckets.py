@@ -44,7 +44,7 @@ How it is computed (the result is the above up to float rounding):
 * **Training.** :func:`bucket_attention` is one autograd function that keeps the query rows,
   the value rows, its output and the per-position log-sum-exp, and recomputes each block's keys
   and probabilities in the backward pass (FlashAttention style), so training memory is O(L).
-* **Layout.** Results are stored channel-major (their ``transpose(1, 2)`` is a contiguous
+* **Output layout.** Results are stored channel-major (their ``transpose(1, 2)`` is a contiguous
   feature map) and row-major copies are made with ``copy_``'s blocked 2-D transposes.
 * **SDPA (one round).** ``bucket_attention(..., backend="sdpa")`` instead gathers every chunk's
   queries and its window of ``3 * chunk`` keys and values (one ``index_select`` each, same
@@ -291,27 +291,22 @@ def _fold(parts: Tensor, chunk: int) -> Tensor:
     return rows.view(-1, width)
 
 
-def _rows(x: Tensor) -> Tensor:
-    """``[N, L, F]`` as row-major ``[N*L, F]``. A channel-major ``x`` (the transposed view of a
-    convolution output) is transposed one batch item at a time: ``copy_`` takes its blocked
-    2-D transpose path there, several times faster than a strided 3-D copy."""
+def _rows(x: Tensor, ones: bool = False) -> Tensor:
+    """``[N, L, F]`` as row-major ``[N*L, F]``, or ``[N*L, F + 1]`` with a column of ones
+    appended (``ones``: value rows ``(v, 1)``, so every block's gathered rows give
+    ``p @ (v, 1)``, the weighted values and the row sums, without a per-block copy). A
+    channel-major ``x`` (the transposed view of a convolution output) is transposed one batch
+    item at a time: ``copy_`` takes its blocked 2-D transpose path there, several times faster
+    than a strided 3-D copy."""
     n, length, width = x.shape
-    if x.is_contiguous() or x.stride(1) != 1 or x.stride(2) != length:
+    channel_major = not x.is_contiguous() and x.stride(1) == 1 and x.stride(2) == length
+    if not ones and not channel_major:
         return x.reshape(n * length, width)
-    rows = x.new_empty(n * length, width)
+    rows = x.new_empty(n * length, width + ones)
+    if ones:
+        rows[:, width] = 1.0
     for b in range(n):
-        rows[b * length : (b + 1) * length].copy_(x[b])
-    return rows
-
-
-def _value_rows(values: Tensor) -> Tensor:
-    """Value rows ``(v, 1)`` ``[N*L, C + 1]``: with the ones column appended once, every block's
-    gathered rows give ``p @ (v, 1)`` (weighted values and row sums) without a per-block copy."""
-    n, length, width = values.shape
-    rows = values.new_empty(n * length, width + 1)
-    rows[:, width] = 1.0
-    for b in range(n):
-        rows[b * length : (b + 1) * length, :width].copy_(values[b])
+        rows[b * length : (b + 1) * length, :width].copy_(x[b])
     return rows
 
 
@@ -423,7 +418,7 @@ class _BucketAttention(torch.autograd.Function):
                 shift = norm + high
                 q[:, d:] -= high
         width = d + 1 if folded else d  # else: exact row maxima, merged online
-        v = _value_rows(values)
+        v = _rows(values, ones=True)
         acc = values.new_zeros(n * length, channels)
         total = values.new_zeros(n * length, 1)
         top = None if folded else values.new_full((n * length, 1), float("-inf"))
@@ -443,11 +438,13 @@ class _BucketAttention(torch.autograd.Function):
             else:
                 _merge(acc, total, top, rows, weighted, sums, row_max.view(-1, 1)[: blk.valid])
         del b
-        if not any(ctx.needs_input_grad[:3]):  # inference: nothing to keep, free rows first
+        keep = any(ctx.needs_input_grad[:3])
+        if not keep:  # inference: nothing to keep; free the rows before the output copy
             del q, norm, v
-            return _channel_major(acc.div_(total), n)
         out = _channel_major(acc.div_(total), n)
         del acc
+        if not keep:
+            return out
         # The value rows (v, 1) are kept instead of `values` (the backward needs rows).
         ctx.rows = (q, norm, total.log_().add_(shift if folded else top), v)  # lse per position
         ctx.save_for_backward(bias, out)

@@ -86,15 +86,6 @@ def shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[int, torch.
     return models
 
 
-@pytest.fixture
-def nothing_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty weights folder, made the active one."""
-    folder = tmp_path / "empty_weights"
-    folder.mkdir()
-    monkeypatch.setenv(WEIGHTS_ENV, str(folder))
-    return folder
-
-
 def manifest_path() -> Path:
     return Path(os.environ[WEIGHTS_ENV]) / MANIFEST
 
@@ -289,8 +280,9 @@ def test_a_trained_dlsn_ships_with_inference_options(tmp_path: Path) -> None:
 
 
 def test_upscale_default_is_bicubic_when_nothing_is_shipped(
-    tmp_path: Path, nothing_shipped: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # conftest's autouse fixture makes an empty weights folder the active one
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
     write_image(tmp_path / "in.png", pixels)
@@ -383,7 +375,7 @@ def test_eval_model_name_loads_shipped_weights(
 
 
 def test_eval_default_without_shipped_model_is_bicubic(
-    tmp_path: Path, toy_root: Path, nothing_shipped: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, toy_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rc, results = eval_json(tmp_path, toy_root, "--scale", "2,3")
     assert rc == 0

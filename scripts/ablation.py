@@ -17,15 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from nlsr.atomic import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "ship" / "ablation_x2.yaml"
@@ -172,7 +172,7 @@ def score_variant(name: str, run_dir: Path, args: argparse.Namespace) -> dict[st
         "train_it_per_s": speed(run_dir),
         "sets": sets,
     }
-    write_atomic(path, json.dumps(scores, indent=2) + "\n")
+    atomic_write(path, (json.dumps(scores, indent=2) + "\n").encode("utf-8"))
     return scores
 
 
@@ -220,18 +220,7 @@ def write_report(path: Path, body: str) -> None:
         raise SystemExit(f"{path}: needs exactly one {start} ... {end} pair")
     head, rest = text.split(start)
     _, tail = rest.split(end)
-    write_atomic(path, f"{head}{start}\n{body}\n{end}{tail}")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, f"{head}{start}\n{body}\n{end}{tail}".encode())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,6 +9,7 @@ import torch
 
 from nlsr.attention import buckets
 from nlsr.attention.buckets import (
+    KeyBiasMLP,
     apply_pattern,
     attention_pattern,
     bucket_attention,
@@ -149,6 +150,40 @@ def test_pattern_applies_to_other_values_and_probabilities_sum_to_one():
         apply_pattern(pattern, torch.randn(2, 36, 3))
 
 
+@pytest.mark.parametrize("one_chunk_blocks", [False, True])
+def test_key_bias_mlp_matches_the_bias_tensor(monkeypatch, one_chunk_blocks):
+    """A key bias given as a :class:`KeyBiasMLP` (never stored whole; recomputed per block in
+    the backward pass) gives the output and gradients of its evaluated tensor, and passes
+    gradcheck for the features and all four weights."""
+    if one_chunk_blocks:
+        monkeypatch.setattr(buckets, "BLOCK_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 23, 3, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 23, 2, generator=g, dtype=torch.float64)
+    codes = torch.randint(0, 3, (2, 2, 23), generator=g)
+    shapes = [(2, 23, 4), (6, 4), (6,), (8, 6), (8,)]  # 8 query slots >= the chunk (5)
+    parts = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+    parts[0] = parts[0].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
+    def attend(q, v, *mlp):
+        return bucket_attention(q, v, codes, 5, key_bias=KeyBiasMLP(*mlp))
+
+    def attend_tensor(q, v, *mlp):
+        return bucket_attention(q, v, codes, 5, key_bias=KeyBiasMLP(*mlp).evaluate())
+
+    inputs = [t.clone().requires_grad_() for t in (q, v)] + parts
+    weight = torch.randn(2, 23, 2, generator=g, dtype=torch.float64)
+    got, want = attend(*inputs), attend_tensor(*inputs)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(
+        torch.autograd.grad((got * weight).sum(), inputs),
+        torch.autograd.grad((want * weight).sum(), inputs),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(attend, inputs, fast_mode=True)
+
+
 def test_gradients_match_finite_differences():
     g = torch.Generator().manual_seed(7)
     q = torch.randn(1, 10, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -263,7 +298,11 @@ def _output_and_grads(backend, q, v, codes, chunk, bias):
     """Output and gradients (w.r.t. q, v and bias if given) of a fixed random projection."""
     inputs = [t.clone().requires_grad_() for t in (q, v) + (() if bias is None else (bias,))]
     out = bucket_attention(
-        inputs[0], inputs[1], codes, chunk, key_bias=inputs[2] if bias is not None else None,
+        inputs[0],
+        inputs[1],
+        codes,
+        chunk,
+        key_bias=inputs[2] if bias is not None else None,
         backend=backend,
     )
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

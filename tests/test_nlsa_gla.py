@@ -269,43 +269,37 @@ def test_attention_backend_option_is_checked(block):
     assert "attention_backend" not in " ".join(several.state_dict())
 
 
-def test_gla_learnable_term_in_slices_equals_the_whole(monkeypatch):
-    """Without autograd the fc of GLA's learnable term runs on slices of positions (inference
-    memory); the block's output is the one computed with the whole map at once."""
-    from nlsr.attention import gla
-
-    torch.manual_seed(0)
-    block = create_attention("gla", 16, chunk_size=8, n_hashes=2)
-    x = torch.randn(2, 16, 9, 11)
-    block.generator = torch.Generator().manual_seed(3)
-    whole = block(x).detach()  # autograd on: fc over the whole map
-    monkeypatch.setattr(gla, "FC_SLICE", 14)  # 7 positions per slice for a batch of 2
-    block.generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        sliced = block(x)
-    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
-
-
-def test_gla_recomputed_learnable_term_gives_the_plain_gradients(monkeypatch):
-    """With autograd GLA recomputes its learnable term in the backward pass (checkpoint); every
-    gradient equals plain autograd through ``fc``, and gradcheck passes for the input."""
-    from nlsr.attention import gla
+@pytest.mark.parametrize("grad", [False, True])
+def test_gla_learnable_term_matches_fc_as_a_tensor(monkeypatch, grad):
+    """GLA hands ``fc`` to the attention by its parts (evaluated in slices of positions,
+    recomputed block by block in the backward pass); its output and every gradient equal
+    those of the block whose bias ``fc(f)`` is made by ``nn.Sequential`` and passed whole."""
+    from nlsr.attention import buckets, gla
 
     torch.manual_seed(0)
     block = create_attention("gla", 8, chunk_size=6, n_hashes=2).double()
     block.projections = block.draw_projections(
-        bucket_count(30, 6), torch.device("cpu"), torch.float64
+        bucket_count(60, 6), torch.device("cpu"), torch.float64
     )
-    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
-    weight = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    x = torch.randn(2, 8, 6, 10, dtype=torch.float64)
+    weight = torch.randn(2, 8, 6, 10, dtype=torch.float64)
 
-    def grads() -> list[torch.Tensor]:
-        xi = x.clone().requires_grad_()
-        return list(torch.autograd.grad((block(xi) * weight).sum(), [xi, *block.parameters()]))
+    def run() -> list[torch.Tensor]:
+        xi = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y = block(xi)
+        if not grad:
+            return [y]
+        return [y.detach(), *torch.autograd.grad((y * weight).sum(), [xi, *block.parameters()])]
 
-    recomputed = grads()
-    monkeypatch.setattr(gla, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
-    plain = grads()
-    for a, b in zip(recomputed, plain, strict=True):
+    monkeypatch.setattr(buckets, "MLP_SLICE", 7)  # several slices per batch item
+    monkeypatch.setattr(buckets, "BLOCK_ELEMENTS", 3 * 6 * 6)  # one chunk per block
+    parts = run()
+    monkeypatch.setattr(gla, "KeyBiasMLP", lambda features, *_: block.fc(features))
+    whole = run()
+    assert len(parts) == (2 + len(list(block.parameters())) if grad else 1)
+    for a, b in zip(parts, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(block, (x.clone().requires_grad_(),), fast_mode=True)
+    if grad:
+        monkeypatch.undo()
+        assert torch.autograd.gradcheck(block, (x.clone().requires_grad_(),), fast_mode=True)

@@ -371,30 +371,87 @@ def _score_grads(
     queries: Tensor,
     keys: tuple[Tensor, Tensor],
     eps: float,
-    grad_q: Tensor | None,
-    grad_bias: Tensor | None,
+    grad_q: Tensor,
 ) -> None:
-    """Accumulate the query and key-bias gradients (flat rows; None = not needed) from the score
-    gradient ``ds`` ``[g, chunk, 3 * chunk]`` of one block, whose queries are ``[g, chunk, d]``
-    and gathered keys and key norms ``([(g + 2) * chunk, d], [(g + 2) * chunk, 1])``; the key
-    gradient goes through the key normalisation into ``grad_q``."""
+    """Accumulate into the flat query rows ``grad_q`` the gradient from the score gradient
+    ``ds`` ``[g, chunk, 3 * chunk]`` of one block, whose queries are ``[g, chunk, d]`` and
+    gathered keys and key norms ``([(g + 2) * chunk, d], [(g + 2) * chunk, 1])``; the key
+    gradient goes through the key normalisation."""
     chunk, d = ds.shape[1], queries.shape[-1]
     key_vectors, key_norm = keys
-    if grad_q is not None:
-        part = torch.bmm(ds, _windows(key_vectors, chunk).transpose(1, 2))
-        grad_q.index_add_(0, block.query_rows, part.view(-1, d))
-        grad_keys = _fold(torch.bmm(ds.transpose(1, 2), queries), chunk)
-        part = _normalize_backward(grad_keys, key_vectors, key_norm, eps)
-        grad_q.index_add_(0, block.key_rows, part)
-    if grad_bias is not None:
-        grad_bias.index_add_(0, block.key_rows, _fold_bias(ds, chunk))
+    part = torch.bmm(ds, _windows(key_vectors, chunk).transpose(1, 2))
+    grad_q.index_add_(0, block.query_rows, part.view(-1, d))
+    grad_keys = _fold(torch.bmm(ds.transpose(1, 2), queries), chunk)
+    part = _normalize_backward(grad_keys, key_vectors, key_norm, eps)
+    grad_q.index_add_(0, block.key_rows, part)
+
+
+class KeyBiasMLP(NamedTuple):
+    """A key bias given by its parts: ``W2 relu(W1 f_j + b1) + b2`` of the key features
+    ``features`` ``[N, L, C]`` (GLA's learnable term ``fc(f_j)``). The blocked computation
+    evaluates it in slices of positions and recomputes it block by block in the backward pass,
+    so neither the ``[N, L, chunk]`` bias nor its gradient is ever stored (training memory)."""
+
+    features: Tensor
+    weight1: Tensor
+    bias1: Tensor
+    weight2: Tensor
+    bias2: Tensor
+
+    def evaluate(self) -> Tensor:
+        """The whole bias ``[N, L, chunk]``, differentiable by plain autograd."""
+        hidden = torch.nn.functional.linear(self.features, self.weight1, self.bias1).relu()
+        return torch.nn.functional.linear(hidden, self.weight2, self.bias2)
+
+    def truncated(self, width: int) -> KeyBiasMLP:
+        """The MLP giving the first ``width`` bias columns (query slots)."""
+        return self._replace(weight2=self.weight2[:width], bias2=self.bias2[:width])
+
+
+#: Positions per slice when :class:`KeyBiasMLP` is evaluated without autograd.
+MLP_SLICE = 2**16
+
+
+def _mlp_rows(mlp: KeyBiasMLP) -> Tensor:
+    """The bias of ``mlp`` as flat rows ``[N*L, chunk]``, evaluated on slices of positions so
+    that the row-major copy of the features never holds the whole map."""
+    features, w1, b1, w2, b2 = mlp
+    n, length, _ = features.shape
+    out = features.new_empty(n * length, w2.shape[0])
+    for b in range(n):
+        for start in range(0, length, MLP_SLICE):
+            stop = min(length, start + MLP_SLICE)
+            hidden = torch.addmm(b1, features[b, start:stop], w1.t()).relu_()
+            torch.addmm(b2, hidden, w2.t(), out=out[b * length + start : b * length + stop])
+    return out
+
+
+def _mlp_block(rows: Tensor, mlp: KeyBiasMLP) -> tuple[Tensor, Tensor]:
+    """Hidden layer and bias ``([M, hidden], [M, chunk])`` of gathered feature ``rows``."""
+    hidden = torch.addmm(mlp.bias1, rows, mlp.weight1.t()).relu_()
+    return hidden, torch.addmm(mlp.bias2, hidden, mlp.weight2.t())
+
+
+def _mlp_backward(
+    grad_bias: Tensor, rows: Tensor, hidden: Tensor, mlp: KeyBiasMLP, grads: list[Tensor]
+) -> Tensor:
+    """Accumulate the MLP's parameter gradients ``grads`` ``[_, dW1, db1, dW2, db2]`` from a
+    block's bias gradient ``[M, chunk]`` and return the gradient of its feature ``rows``."""
+    grads[3].addmm_(grad_bias.t(), hidden)
+    grads[4].add_(grad_bias.sum(dim=0))
+    grad_hidden = torch.ops.aten.threshold_backward(torch.mm(grad_bias, mlp.weight2), hidden, 0)
+    grads[1].addmm_(grad_hidden.t(), rows)
+    grads[2].add_(grad_hidden.sum(dim=0))
+    return torch.mm(grad_hidden, mlp.weight1)
 
 
 class _BucketAttention(torch.autograd.Function):
     """Fused bucketed attention (module doc): forward blocks, merged rounds, recomputing backward.
 
     Keeps the query and value rows, the per-position log-sum-exp and the output for the
-    backward pass; no score-sized tensor outlives a block.
+    backward pass; no score-sized tensor outlives a block. The key bias is a tensor ``bias``
+    or, when ``mlp`` (the five tensors of a :class:`KeyBiasMLP`) is given, recomputed from the
+    MLP block by block in the backward pass instead of kept.
     """
 
     @staticmethod
@@ -405,11 +462,12 @@ class _BucketAttention(torch.autograd.Function):
         bias: Tensor | None,
         layout: BucketLayout,
         eps: float,
+        *mlp: Tensor,
     ) -> Tensor:
         n, length, d = queries.shape
         channels, c = values.shape[-1], layout.chunk
         q, norm = _query_rows(queries)
-        b = None if bias is None else _rows(bias)
+        b = _mlp_rows(KeyBiasMLP(*mlp)) if mlp else None if bias is None else _rows(bias)
         shift, folded = norm, True  # the folded shift (q, -shift) . (k, 1), module doc
         if b is not None:
             high = b.amax()
@@ -438,7 +496,7 @@ class _BucketAttention(torch.autograd.Function):
             else:
                 _merge(acc, total, top, rows, weighted, sums, row_max.view(-1, 1)[: blk.valid])
         del b
-        keep = any(ctx.needs_input_grad[:3])
+        keep = any(ctx.needs_input_grad)
         if not keep:  # inference: nothing to keep; free the rows before the output copy
             del q, norm, v
         out = _channel_major(acc.div_(total), n)
@@ -447,14 +505,14 @@ class _BucketAttention(torch.autograd.Function):
             return out
         # The value rows (v, 1) are kept instead of `values` (the backward needs rows).
         ctx.rows = (q, norm, total.log_().add_(shift if folded else top), v)  # lse per position
-        ctx.save_for_backward(bias, out)
+        ctx.save_for_backward(bias, out, *mlp)
         ctx.layout, ctx.eps = layout, eps
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        bias, out = ctx.saved_tensors
+        bias, out, *parts = ctx.saved_tensors
         q, norm, lse, v = ctx.rows
         layout: BucketLayout = ctx.layout
         channels, c = v.shape[-1] - 1, layout.chunk
@@ -463,16 +521,24 @@ class _BucketAttention(torch.autograd.Function):
         torch.neg(lse, out=q[:, d:])  # (q, -lse) . (k, 1) = score - lse: merged probabilities
         delta = (grad_out * out).sum(dim=-1).view(-1, 1)  # dO_i . O_i
         go = _rows(grad_out)
+        mlp = KeyBiasMLP(*parts) if parts else None
         b = None if bias is None else _rows(bias)
+        features = None if mlp is None else _rows(mlp.features)
         need_q, need_v, need_b = ctx.needs_input_grad[:3]
         grad_q = q.new_zeros(n * length, d) if need_q else None
         grad_v = v.new_zeros(n * length, channels) if need_v else None
         grad_b = b.new_zeros(n * length, c) if need_b and b is not None else None
+        grad_mlp = None
+        if mlp is not None and any(ctx.needs_input_grad[5:]):
+            grad_mlp = [torch.zeros_like(t) for t in (features, *parts[1:])]
         probs, grad_scores = _workspace(q, layout), _workspace(q, layout)
         for blk in layout.blocks():
             qb = q.index_select(0, blk.query_rows).view(blk.count, c, d + 1)
             kb, key_norm = _block_keys(q, norm, blk.key_rows, ctx.eps)
             bb = None if b is None else b.index_select(0, blk.key_rows)
+            if mlp is not None:
+                fb = features.index_select(0, blk.key_rows)
+                hidden, bb = _mlp_block(fb, mlp)
             p, _ = _block_exp(qb, kb, bb, False, probs[: blk.count])
             p.view(-1, 3 * c)[blk.valid :] = 0  # padded query copies are dropped
             gob = go.index_select(0, blk.query_rows)
@@ -483,15 +549,23 @@ class _BucketAttention(torch.autograd.Function):
             gob = torch.cat([gob, delta.index_select(0, blk.query_rows).neg_()], dim=1)
             vb = _windows(v.index_select(0, blk.key_rows), c)
             ds = torch.bmm(gob.view(blk.count, c, -1), vb, out=grad_scores[: blk.count]).mul_(p)
-            keys = (kb[:, :d], key_norm)
-            _score_grads(ds, blk, qb[..., :d], keys, ctx.eps, grad_q, grad_b)
-        del go, b
+            if grad_q is not None:
+                _score_grads(ds, blk, qb[..., :d], (kb[:, :d], key_norm), ctx.eps, grad_q)
+            if grad_b is not None:
+                grad_b.index_add_(0, blk.key_rows, _fold_bias(ds, c))
+            if grad_mlp is not None:
+                part = _mlp_backward(_fold_bias(ds, c), fb, hidden, mlp, grad_mlp)
+                grad_mlp[0].index_add_(0, blk.key_rows, part)
+        del go, b, features, probs, grad_scores
+        if grad_mlp is not None:
+            grad_mlp[0] = _channel_major(grad_mlp[0], n)
         return (
             None if grad_q is None else grad_q.view(n, length, d),
             None if grad_v is None else _channel_major(grad_v, n),
             None if grad_b is None else grad_b.view(n, length, c),
             None,
             None,
+            *(grad_mlp if grad_mlp is not None else [None] * len(parts)),
         )
 
 
@@ -599,7 +673,7 @@ def bucket_attention(
     codes: Tensor,
     chunk_size: int,
     *,
-    key_bias: Tensor | None = None,
+    key_bias: Tensor | KeyBiasMLP | None = None,
     eps: float = KEY_EPS,
     backend: str = "auto",
 ) -> Tensor:
@@ -609,7 +683,9 @@ def bucket_attention(
     ``values`` ``[N, L, C]``, ``codes`` integer ``[N, R, L]`` (one row per round, no offsets
     needed). ``key_bias`` ``[N, L, >= chunk]``: additive score ``key_bias[j, i]`` for key position
     ``j`` seen by a query in chunk slot ``i`` (GLA's learnable term); only the first
-    ``effective_chunk`` slots are used. ``backend`` (:data:`BACKENDS`) picks the computation
+    ``effective_chunk`` slots are used. A :class:`KeyBiasMLP` instead gives the bias by its
+    parts (the blocked computation then never stores it; the SDPA one evaluates it whole).
+    ``backend`` (:data:`BACKENDS`) picks the computation
     (:func:`choose_backend`). The blocked result is stored channel-major (its
     ``transpose(1, 2)`` is contiguous), the SDPA result row-major; :func:`residual` takes both.
     """
@@ -620,18 +696,26 @@ def bucket_attention(
         )
     use_sdpa = choose_backend(backend, queries, codes.shape[1]) == "sdpa"
     layout = bucket_layout(codes, chunk_size)
-    bias = None if key_bias is None else key_bias[..., : layout.chunk]
+    mlp = key_bias.truncated(layout.chunk) if isinstance(key_bias, KeyBiasMLP) else None
+    bias = None if key_bias is None or mlp is not None else key_bias[..., : layout.chunk]
     if use_sdpa:
+        bias = mlp.evaluate() if mlp is not None else bias
         return _sdpa_attention(queries, values, bias, layout, eps)
-    return _blocked_attention(queries, values, bias, layout, eps)
+    return _blocked_attention(queries, values, bias, layout, eps, *(mlp or ()))
 
 
 @in_float32
 def _blocked_attention(
-    queries: Tensor, values: Tensor, bias: Tensor | None, layout: BucketLayout, eps: float
+    queries: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    layout: BucketLayout,
+    eps: float,
+    *mlp: Tensor,
 ) -> Tensor:
-    """The blocked computation (module doc), in float32 under autocast."""
-    return _BucketAttention.apply(queries, values, bias, layout, eps)
+    """The blocked computation (module doc), in float32 under autocast; ``mlp``: the tensors
+    of a :class:`KeyBiasMLP`, or none."""
+    return _BucketAttention.apply(queries, values, bias, layout, eps, *mlp)
 
 
 class _PatternProbabilities(torch.autograd.Function):
@@ -692,7 +776,7 @@ class _PatternProbabilities(torch.autograd.Function):
             ds.mul_(probs[blk.seq, span])
             qb = q.index_select(0, blk.query_rows).view(blk.count, c, d + 1)[..., :d]
             kb, key_norm = _block_keys(q, norm, blk.key_rows, ctx.eps)
-            _score_grads(ds, blk, qb, (kb[:, :d], key_norm), ctx.eps, grad_q, None)
+            _score_grads(ds, blk, qb, (kb[:, :d], key_norm), ctx.eps, grad_q)
         return grad_q.view(n, length, d), None, None
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from nlsr.attention import register_attention
 from nlsr.attention.buckets import (
+    KeyBiasMLP,
     bucket_attention,
     bucket_count,
     check_backend,
@@ -29,10 +29,6 @@ def orthogonal_columns(
     """One ``torch.nn.init.orthogonal_(torch.empty(d, k))`` draw: orthonormal columns when
     ``k <= d``, orthonormal rows otherwise."""
     return torch.nn.init.orthogonal_(torch.empty(d, k, device=device), generator=generator)
-
-
-#: Positions (over the batch) per slice of the learnable term's ``fc`` without autograd.
-FC_SLICE = 2**16
 
 
 def _conv_relu(c_in: int, c_out: int, k_size: int) -> nn.Sequential:
@@ -119,28 +115,15 @@ class GlobalLearnableAttention(nn.Module):
             )
         return hash_codes(x, proj.to(device=x.device, dtype=x.dtype), signed=False)
 
-    def _learnable_term(self, features: Tensor) -> Tensor:
-        """``fc(features)`` ``[N, L, chunk]`` of the channel-major ``[N, L, C]`` features. Without
-        autograd it runs on slices of positions, so the row-major copy that ``nn.Linear`` makes
-        of its input never holds the whole map (inference memory). With autograd it is
-        recomputed in the backward pass instead of keeping its input copy and hidden layer
-        (training memory)."""
-        if torch.is_grad_enabled():  # recomputed in the backward pass: keeps only `features`
-            return checkpoint(self.fc, features, use_reentrant=False)
-        n, length, _ = features.shape
-        out = features.new_empty(n, length, self.fc[-1].out_features)
-        step = max(1, FC_SLICE // n)
-        for start in range(0, length, step):
-            out[:, start : start + step] = self.fc(features[:, start : start + step])
-        return out
-
     def forward(self, input: Tensor) -> Tensor:
         h, w = input.shape[-2:]
         x = self.conv_match(input).flatten(2).transpose(1, 2).contiguous()  # [N, L, d]
         y = self.conv_assembly(input).flatten(2).transpose(1, 2)  # [N, L, C]
         bias = None
-        if self.learnable:
-            bias = self._learnable_term(self.conv_assembly_fc(input).flatten(2).transpose(1, 2))
+        if self.learnable:  # fc(f_j), evaluated by the attention (never stored whole)
+            fc1, fc2 = self.fc[0], self.fc[2]
+            features = self.conv_assembly_fc(input).flatten(2).transpose(1, 2)  # [N, L, C]
+            bias = KeyBiasMLP(features, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         codes = self.hash_codes(x.detach(), bucket_count(h * w, self.chunk_size))
         out = bucket_attention(
             x, y, codes, self.chunk_size, key_bias=bias, backend=self.attention_backend

@@ -274,7 +274,7 @@ def test_gla_learnable_term_matches_fc_as_a_tensor(monkeypatch, grad):
     """GLA hands ``fc`` to the attention by its parts (evaluated in slices of positions,
     recomputed block by block in the backward pass); its output and every gradient equal
     those of the block whose bias ``fc(f)`` is made by ``nn.Sequential`` and passed whole."""
-    from nlsr.attention import buckets, gla
+    from nlsr.attention import buckets
 
     torch.manual_seed(0)
     block = create_attention("gla", 8, chunk_size=6, n_hashes=2).double()
@@ -295,7 +295,11 @@ def test_gla_learnable_term_matches_fc_as_a_tensor(monkeypatch, grad):
     monkeypatch.setattr(buckets, "MLP_SLICE", 7)  # several slices per batch item
     monkeypatch.setattr(buckets, "BLOCK_ELEMENTS", 3 * 6 * 6)  # one chunk per block
     parts = run()
-    monkeypatch.setattr(gla, "KeyBiasMLP", lambda features, *_: block.fc(features))
+    monkeypatch.setattr(  # the reference: nn.Sequential on the whole map, a tensor bias
+        block,
+        "_learnable_term",
+        lambda x: block.fc(block.conv_assembly_fc(x).flatten(2).transpose(1, 2)),
+    )
     whole = run()
     assert len(parts) == (2 + len(list(block.parameters())) if grad else 1)
     for a, b in zip(parts, whole, strict=True):

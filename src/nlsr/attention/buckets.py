@@ -386,6 +386,10 @@ def _score_grads(
     grad_q.index_add_(0, block.key_rows, part)
 
 
+#: Positions per slice when :meth:`KeyBiasMLP.sliced` evaluates the bias.
+MLP_SLICE = 2**16
+
+
 class KeyBiasMLP(NamedTuple):
     """A key bias given by its parts: ``W2 relu(W1 f_j + b1) + b2`` of the key features
     ``features`` ``[N, L, C]`` (GLA's learnable term ``fc(f_j)``). The blocked computation
@@ -403,27 +407,23 @@ class KeyBiasMLP(NamedTuple):
         hidden = torch.nn.functional.linear(self.features, self.weight1, self.bias1).relu()
         return torch.nn.functional.linear(hidden, self.weight2, self.bias2)
 
+    @torch.no_grad()
+    def sliced(self) -> Tensor:
+        """The whole bias ``[N, L, chunk]`` without autograd, evaluated on slices of positions
+        so that the row-major copy of the features never covers the whole map."""
+        features, w1, b1, w2, b2 = self
+        n, length, _ = features.shape
+        out = features.new_empty(n, length, w2.shape[0])
+        for b in range(n):
+            for start in range(0, length, MLP_SLICE):
+                stop = min(length, start + MLP_SLICE)
+                hidden = torch.addmm(b1, features[b, start:stop], w1.t()).relu_()
+                torch.addmm(b2, hidden, w2.t(), out=out[b, start:stop])
+        return out
+
     def truncated(self, width: int) -> KeyBiasMLP:
         """The MLP giving the first ``width`` bias columns (query slots)."""
         return self._replace(weight2=self.weight2[:width], bias2=self.bias2[:width])
-
-
-#: Positions per slice when :class:`KeyBiasMLP` is evaluated without autograd.
-MLP_SLICE = 2**16
-
-
-def _mlp_rows(mlp: KeyBiasMLP) -> Tensor:
-    """The bias of ``mlp`` as flat rows ``[N*L, chunk]``, evaluated on slices of positions so
-    that the row-major copy of the features never holds the whole map."""
-    features, w1, b1, w2, b2 = mlp
-    n, length, _ = features.shape
-    out = features.new_empty(n * length, w2.shape[0])
-    for b in range(n):
-        for start in range(0, length, MLP_SLICE):
-            stop = min(length, start + MLP_SLICE)
-            hidden = torch.addmm(b1, features[b, start:stop], w1.t()).relu_()
-            torch.addmm(b2, hidden, w2.t(), out=out[b * length + start : b * length + stop])
-    return out
 
 
 def _mlp_block(rows: Tensor, mlp: KeyBiasMLP) -> tuple[Tensor, Tensor]:
@@ -467,7 +467,7 @@ class _BucketAttention(torch.autograd.Function):
         n, length, d = queries.shape
         channels, c = values.shape[-1], layout.chunk
         q, norm = _query_rows(queries)
-        b = _mlp_rows(KeyBiasMLP(*mlp)) if mlp else None if bias is None else _rows(bias)
+        b = _rows(KeyBiasMLP(*mlp).sliced()) if mlp else None if bias is None else _rows(bias)
         shift, folded = norm, True  # the folded shift (q, -shift) . (k, 1), module doc
         if b is not None:
             high = b.amax()

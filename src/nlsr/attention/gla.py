@@ -115,15 +115,23 @@ class GlobalLearnableAttention(nn.Module):
             )
         return hash_codes(x, proj.to(device=x.device, dtype=x.dtype), signed=False)
 
+    def _learnable_term(self, input: Tensor) -> KeyBiasMLP | Tensor:
+        """``fc(f_j)`` by its parts, which the attention evaluates and recomputes block by block
+        (training memory: neither the ``[N, L, chunk]`` term nor its gradient is kept); without
+        autograd evaluated here in slices, so that the features are freed before the attention
+        runs (inference memory)."""
+        fc1, fc2 = self.fc[0], self.fc[2]
+        features = self.conv_assembly_fc(input).flatten(2).transpose(1, 2)  # [N, L, C]
+        mlp = KeyBiasMLP(features, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        return mlp if torch.is_grad_enabled() else mlp.sliced()
+
     def forward(self, input: Tensor) -> Tensor:
         h, w = input.shape[-2:]
         x = self.conv_match(input).flatten(2).transpose(1, 2).contiguous()  # [N, L, d]
         y = self.conv_assembly(input).flatten(2).transpose(1, 2)  # [N, L, C]
         bias = None
-        if self.learnable:  # fc(f_j), evaluated by the attention (never stored whole)
-            fc1, fc2 = self.fc[0], self.fc[2]
-            features = self.conv_assembly_fc(input).flatten(2).transpose(1, 2)  # [N, L, C]
-            bias = KeyBiasMLP(features, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        if self.learnable:
+            bias = self._learnable_term(input)
         codes = self.hash_codes(x.detach(), bucket_count(h * w, self.chunk_size))
         out = bucket_attention(
             x, y, codes, self.chunk_size, key_bias=bias, backend=self.attention_backend

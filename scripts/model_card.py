@@ -33,6 +33,9 @@ import torch
 
 from nlsr.atomic import atomic_write
 
+#: Scores per scale, method and set: (PSNR, SSIM).
+Measured = dict[int, dict[str, dict[str, tuple[float, float]]]]
+
 REPO = Path(__file__).resolve().parents[1]
 CARD = REPO / "docs" / "model-card.md"
 SETS = ("Set5", "Set14", "B100", "Urban100")
@@ -285,6 +288,24 @@ def replace_between(text: str, key: str, body: str, path: Path) -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
+def _reused(path: Path, shipped: dict, sets: tuple[str, ...]) -> Measured:
+    """The scores of an earlier ``card --json`` run (its weights must still be the shipped
+    ones: the SHA-256 of each scale's file is checked), so that only new scales are evaluated."""
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    out: Measured = {}
+    for key, by_method in payload.get("results", {}).items():
+        scale = int(key)
+        if scale not in shipped:
+            continue
+        if payload.get("sha256", {}).get(key) != shipped[scale].sha256:
+            raise ValueError(f"{path}: x{scale} was measured with other weights than the shipped")
+        rows = {m: {n: (v[0], v[1]) for n, v in by.items()} for m, by in by_method.items()}
+        if any(set(sets) - set(by) for by in rows.values()):
+            raise ValueError(f"{path}: x{scale} lacks some of the sets {', '.join(sets)}")
+        out[scale] = rows
+    return out
+
+
 def cmd_card(args: argparse.Namespace) -> int:
     """Evaluate, time, record the scores and rewrite the card."""
     from nlsr.pretrained import pretrained_weights, read_manifest, set_scores
@@ -300,8 +321,8 @@ def cmd_card(args: argparse.Namespace) -> int:
     common = ["--data", ",".join(sets), "--data-root", str(args.data_root)]
     if not args.no_chop:
         common.append("--chop")
-    measured: dict[int, dict[str, dict[str, tuple[float, float]]]] = {}
-    for scale in sorted(shipped):
+    measured = _reused(args.reuse, shipped, sets) if args.reuse is not None else {}
+    for scale in sorted(set(shipped) - set(measured)):
         scale_args = [*common, "--scale", str(scale)]
         measured[scale] = {}
         for key in ("bicubic", args.name):
@@ -337,6 +358,7 @@ def cmd_card(args: argparse.Namespace) -> int:
                 for s, row in measured.items()
             },
             "seconds_per_megapixel_x2": seconds_per_mp,
+            "sha256": {str(s): shipped[s].sha256 for s in measured},
         }
         atomic_write(args.json, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
     return 0
@@ -374,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights-dir", type=Path, help="weights folder (default: the package's)")
     c.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     c.add_argument("--no-chop", action="store_true", help="whole images instead of the chop")
+    c.add_argument(
+        "--reuse",
+        type=Path,
+        metavar="JSON",
+        help="take the scores of scales measured by an earlier --json run (same weights)",
+    )
     c.set_defaults(run=cmd_card)
     return parser
 

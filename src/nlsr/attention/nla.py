@@ -28,7 +28,6 @@ from nlsr.attention import in_float32, register_attention
 #: float32 values are 16 MiB per buffer, a few tens of MiB peak for any image size.
 BLOCK_ELEMENTS = 2**22
 
-
 class RowNormaliser(NamedTuple):
     """How a block of scores ``[n, B, L]`` becomes weights, row by row; all three may work in
     place. The forward pass keeps each row's statistics (O(L) memory) so that the backward pass

@@ -411,25 +411,23 @@ class KeyBiasMLP(NamedTuple):
     def sliced(self) -> Tensor:
         """The whole bias ``[N, L, chunk]`` without autograd, evaluated on slices of positions
         so that the row-major copy of the features never covers the whole map."""
-        features, w1, b1, w2, b2 = self
-        n, length, _ = features.shape
-        out = features.new_empty(n, length, w2.shape[0])
+        n, length, _ = self.features.shape
+        out = self.features.new_empty(n, length, self.weight2.shape[0])
         for b in range(n):
             for start in range(0, length, MLP_SLICE):
                 stop = min(length, start + MLP_SLICE)
-                hidden = torch.addmm(b1, features[b, start:stop], w1.t()).relu_()
-                torch.addmm(b2, hidden, w2.t(), out=out[b, start:stop])
+                self.on_rows(self.features[b, start:stop], out=out[b, start:stop])
         return out
+
+    def on_rows(self, rows: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Hidden layer and bias ``([M, hidden], [M, chunk])`` of feature ``rows`` ``[M, C]``
+        (no autograd; the bias is written into ``out`` when given)."""
+        hidden = torch.addmm(self.bias1, rows, self.weight1.t()).relu_()
+        return hidden, torch.addmm(self.bias2, hidden, self.weight2.t(), out=out)
 
     def truncated(self, width: int) -> KeyBiasMLP:
         """The MLP giving the first ``width`` bias columns (query slots)."""
         return self._replace(weight2=self.weight2[:width], bias2=self.bias2[:width])
-
-
-def _mlp_block(rows: Tensor, mlp: KeyBiasMLP) -> tuple[Tensor, Tensor]:
-    """Hidden layer and bias ``([M, hidden], [M, chunk])`` of gathered feature ``rows``."""
-    hidden = torch.addmm(mlp.bias1, rows, mlp.weight1.t()).relu_()
-    return hidden, torch.addmm(mlp.bias2, hidden, mlp.weight2.t())
 
 
 def _mlp_backward(
@@ -538,7 +536,7 @@ class _BucketAttention(torch.autograd.Function):
             bb = None if b is None else b.index_select(0, blk.key_rows)
             if mlp is not None:
                 fb = features.index_select(0, blk.key_rows)
-                hidden, bb = _mlp_block(fb, mlp)
+                hidden, bb = mlp.on_rows(fb)
             p, _ = _block_exp(qb, kb, bb, False, probs[: blk.count])
             p.view(-1, 3 * c)[blk.valid :] = 0  # padded query copies are dropped
             gob = go.index_select(0, blk.query_rows)

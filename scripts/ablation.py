@@ -57,7 +57,13 @@ def variant_config(name: str, args: argparse.Namespace, run_dir: Path) -> Any:
     from nlsr.train import load_config
 
     block, options, _ = VARIANTS[name]
+    base = load_config(BASE)
+    # The base milestones are fractions of the base run: keep those fractions at any length.
+    milestones = [
+        max(1, round(m * args.iterations / base.train.iterations)) for m in base.optim.milestones
+    ]
     overrides = [
+        f"optim.milestones={json.dumps(sorted(set(milestones)))}",
         f"model.attention={json.dumps(block)}",
         f"model.attention_options={json.dumps(options or None)}",
         f"train.iterations={args.iterations}",

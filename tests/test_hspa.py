@@ -9,16 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlsr.attention import create_attention
+from nlsr.attention import create_attention, hspa
 from nlsr.attention.hspa import (
     HSPA,
+    candidate_columns,
     candidates,
     sparsemax,
     sparsemax_normaliser,
     sparsemax_rows,
     sparsemax_threshold,
 )
-from nlsr.attention.nla import attend_blocked
+from nlsr.attention.nla import SparseRows, attend_blocked
 from nlsr.bench import released_sparsemax_threshold
 from nlsr.models import create
 
@@ -138,12 +139,17 @@ def test_candidates_keep_the_support_and_prune_the_rest() -> None:
     gen = torch.Generator().manual_seed(12)
     z = 5.0 * torch.randn(32, 6000, generator=gen)
     z -= z.amax(-1, keepdim=True)
-    kept = candidates(z)
+    kept, groups = candidates(z)
     tau, size = released_sparsemax_threshold(z, None)
     assert torch.equal((kept > tau).sum(-1, keepdim=True), size)  # every support entry kept
     assert kept.shape[-1] < 6000 // 4  # and most groups dropped (small supports here)
+    at = torch.arange(kept.shape[-1]).expand_as(kept)
+    columns = candidate_columns(at, groups, z.shape[-1])
+    assert torch.equal(z.gather(-1, columns), kept)  # the columns name the kept entries
+    assert all(len(set(row.tolist())) == columns.shape[-1] for row in columns)  # no repeats
     short = torch.randn(3, 100, generator=gen)
-    assert candidates(short) is short  # fewer than two groups: nothing to prune
+    kept, columns = candidates(short)
+    assert kept is short and columns is None  # fewer than two groups: nothing to prune
 
 
 def test_sparsemax_dim_and_shift_invariance() -> None:
@@ -168,7 +174,15 @@ def test_sparsemax_backward_is_the_exact_jacobian() -> None:
     assert torch.autograd.gradcheck(lambda t: sparsemax(t, topk=3), (x,))
 
 
-def test_blocked_sparsemax_attention_gradcheck() -> None:
+@pytest.mark.parametrize("fraction", [0.0, 1.0], ids=["dense-rows", "sparse-rows"])
+def test_blocked_sparsemax_attention_gradcheck(
+    fraction: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of multiplying a block of rows: dense, and by their supports (SparseRows)."""
+    monkeypatch.setattr(hspa, "SPARSE_FRACTION", fraction)
+    monkeypatch.setattr(hspa, "SPARSE_MIN_KEYS", 1)
+    kept, _ = sparsemax_normaliser().forward(torch.randn(2, 3, 7))
+    assert isinstance(kept, SparseRows) == (fraction == 1.0)
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 7, c, generator=gen, dtype=torch.float64) for c in (2, 2, 3))
     q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
@@ -179,6 +193,39 @@ def test_blocked_sparsemax_attention_gradcheck() -> None:
     assert torch.autograd.gradcheck(blocked, (q, k, v))
     dense = naive_sparsemax(q @ k.transpose(1, 2)) @ v
     assert torch.allclose(blocked(q, k, v), dense, atol=1e-12)
+
+
+def test_sparse_and_dense_blocks_mixed_equal_dense_autograd(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Peaked query rows (narrow supports: blocks kept as SparseRows) next to flat ones (wide
+    supports: dense blocks), against autograd through the naive dense form, float32 to 1e-5."""
+    gen = torch.Generator().manual_seed(11)
+    length, d, c = 640, 8, 12
+    q = torch.randn(2, length, d, generator=gen)
+    q[:, : length // 2] *= 6.0  # peaked rows: supports of a few keys
+    q[:, length // 2 :] *= 0.02  # flat rows: supports of most keys
+    k, v = torch.randn(2, length, d, generator=gen), torch.randn(2, length, c, generator=gen)
+    monkeypatch.setattr(hspa, "SPARSE_MIN_KEYS", 512)
+    norm = sparsemax_normaliser()
+    kinds = [
+        isinstance(norm.forward(q[:, s : s + 64] @ k.transpose(1, 2))[0], SparseRows)
+        for s in (0, length - 64)
+    ]
+    assert kinds == [True, False]  # the case exercises both kinds of block
+    upstream = torch.randn(2, length, c, generator=gen)
+    grads = []
+    for fn in (
+        lambda a, b, e: attend_blocked(a, b, e, norm, block_size=64),
+        lambda a, b, e: naive_sparsemax(a @ b.transpose(1, 2)) @ e,
+    ):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        grads.append((out, torch.autograd.grad(out, leaves, upstream)))
+    (ours, g_ours), (ref, g_ref) = grads
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    for a, b in zip(g_ours, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- the HSPA block
@@ -335,6 +382,8 @@ def test_recomputed_weights_are_bitwise_the_forward_weights(normaliser: str) -> 
     gen = torch.Generator().manual_seed(9)
     scores = 4.0 * torch.randn(3, 5, 300, generator=gen)
     weights, stats = norm.forward(scores.clone())
+    if isinstance(weights, SparseRows):  # kept by its supports: scatter back to whole rows
+        weights = torch.zeros_like(scores).scatter_(-1, weights.index, weights.weights)
     assert stats.shape == (3, 5, 2)
     assert torch.equal(norm.recompute(scores.clone(), stats), weights)
     if normaliser == "sparsemax":

@@ -15,7 +15,7 @@ matrix is never materialised; each query block's rows are recomputed in the back
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -28,13 +28,68 @@ from nlsr.attention import in_float32, register_attention
 #: float32 values are 16 MiB per buffer, a few tens of MiB peak for any image size.
 BLOCK_ELEMENTS = 2**22
 
+
+class SparseRows(NamedTuple):
+    """A block of weight rows ``[n, B, L]`` by the few entries that can be nonzero: the keys
+    ``index`` ``[n, B, k]`` and their ``weights`` ``[n, B, k]`` (zero where a row has fewer than
+    ``k`` nonzero entries). Sparsemax rows usually have a handful of nonzero weights, so the
+    products with the values and the whole backward pass cost O(k) per row instead of O(L).
+    The ``x`` arguments are position-major ``[n, L, c]`` and contiguous; rows are gathered in
+    pieces of at most :data:`BLOCK_ELEMENTS` values."""
+
+    index: Tensor
+    weights: Tensor
+
+    def _pieces(self, x: Tensor) -> Iterator[tuple[slice, Tensor]]:
+        """(rows of the block, flat indices into ``x.view(n * L, c)``) piece by piece."""
+        n, rows, k = self.index.shape
+        keys, c = x.shape[1:]
+        offsets = torch.arange(n, device=x.device).mul_(keys).view(n, 1, 1)
+        step = max(1, BLOCK_ELEMENTS // max(1, n * k * c))
+        for start in range(0, rows, step):
+            span = slice(start, start + step)
+            yield span, (self.index[:, span] + offsets).flatten()
+
+    def _gather(self, x: Tensor, span: slice, flat: Tensor) -> Tensor:
+        """``x[index[:, span]]``: ``[n, rows, k, c]``."""
+        n, keys, c = x.shape
+        return x.view(n * keys, c).index_select(0, flat).view(n, -1, self.index.shape[-1], c)
+
+    def combine(self, coefficients: Tensor, x: Tensor) -> Tensor:
+        """``W @ x`` for the weights ``W`` holding ``coefficients`` at ``index``: ``[n, B, c]``."""
+        out = x.new_empty(*self.index.shape[:2], x.shape[-1])
+        for span, flat in self._pieces(x):
+            picked = self._gather(x, span, flat)
+            out[:, span] = torch.matmul(coefficients[:, span].unsqueeze(-2), picked).squeeze(-2)
+        return out
+
+    def dot(self, x: Tensor, rows: Tensor) -> Tensor:
+        """The entries of ``rows @ x^T`` at ``index`` (``rows`` ``[n, B, c]``): ``[n, B, k]``."""
+        out = x.new_empty(self.index.shape)
+        for span, flat in self._pieces(x):
+            picked = self._gather(x, span, flat)
+            out[:, span] = torch.matmul(picked, rows[:, span].unsqueeze(-1)).squeeze(-1)
+        return out
+
+    def scatter_add_(self, target: Tensor, coefficients: Tensor, rows: Tensor) -> None:
+        """``target += W^T @ rows`` in place, ``W`` holding ``coefficients`` at ``index``
+        (``rows`` ``[n, B, c]``)."""
+        n, keys, c = target.shape
+        flat_target = target.view(n * keys, c)
+        for span, flat in self._pieces(target):
+            products = coefficients[:, span].unsqueeze(-1) * rows[:, span].unsqueeze(-2)
+            flat_target.index_add_(0, flat, products.view(-1, c))
+
+
 class RowNormaliser(NamedTuple):
     """How a block of scores ``[n, B, L]`` becomes weights, row by row; all three may work in
     place. The forward pass keeps each row's statistics (O(L) memory) so that the backward pass
-    rebuilds bitwise the same weights without searching the rows again."""
+    rebuilds bitwise the same weights without searching the rows again. ``forward`` may return
+    :class:`SparseRows` instead of dense weights; the pass then keeps them (O(k) per row) and
+    ``backward`` is applied to their ``[n, B, k]`` weights."""
 
-    forward: Callable[[Tensor], tuple[Tensor, Tensor]]  # scores -> (weights, stats [n, B, k])
-    recompute: Callable[[Tensor, Tensor], Tensor]  # (scores, stats) -> the same weights
+    forward: Callable[[Tensor], tuple[Tensor | SparseRows, Tensor]]  # -> weights, stats
+    recompute: Callable[[Tensor, Tensor], Tensor]  # (scores, stats) -> the same dense weights
     backward: Callable[[Tensor, Tensor], Tensor]  # (weights, grad of weights) -> grad of scores
 
 
@@ -84,7 +139,8 @@ class _BlockedAttention(torch.autograd.Function):
 
     Only q, k, v and the rows' statistics are saved; the backward pass recomputes each block's
     weights from them, so training memory is O(block x L) too. Scores are computed into reused
-    scratch buffers.
+    scratch buffers. Blocks whose normaliser returns :class:`SparseRows` are kept as such and
+    take the sparse products both ways (no recomputation).
     """
 
     @staticmethod
@@ -100,6 +156,7 @@ class _BlockedAttention(torch.autograd.Function):
         keys = key.shape[1]
         out = value.new_empty(n, length, value.shape[2])
         stats: Tensor | None = None
+        sparse: dict[int, SparseRows] = {}
         key_t = key.transpose(1, 2)
         scratch = _scratch(query, n, min(block, length), keys)
         for start in range(0, length, block):
@@ -109,9 +166,15 @@ class _BlockedAttention(torch.autograd.Function):
             if stats is None:
                 stats = row_stats.new_empty(n, length, row_stats.shape[-1])
             stats[:, start : start + block] = row_stats
-            out[:, start : start + block] = torch.matmul(weights, value)
+            if isinstance(weights, SparseRows):
+                if not sparse:  # the sparse products gather rows: a position-major copy, once
+                    value_rows = value.contiguous()
+                sparse[start] = weights
+                out[:, start : start + block] = weights.combine(weights.weights, value_rows)
+            else:
+                out[:, start : start + block] = torch.matmul(weights, value)
         ctx.save_for_backward(query, key, value, stats)
-        ctx.normaliser, ctx.block = normaliser, block
+        ctx.normaliser, ctx.block, ctx.sparse = normaliser, block, sparse
         return out
 
     @staticmethod
@@ -122,15 +185,25 @@ class _BlockedAttention(torch.autograd.Function):
         length, block = query.shape[1], ctx.block
         n, keys = query.shape[0], key.shape[1]
         grad_q = torch.empty_like(query)
-        grad_k = torch.zeros_like(key)
-        grad_v = torch.zeros_like(value)
+        grad_k = key.new_zeros(key.shape)  # contiguous, for the sparse blocks' index_add_
+        grad_v = value.new_zeros(value.shape)
         key_t, value_t = key.transpose(1, 2), value.transpose(1, 2)
         rows = min(block, length)
         scores_scratch = _scratch(query, n, rows, keys)
         grad_scratch = _scratch(query, n, rows, keys)
+        if ctx.sparse:  # the sparse products gather rows: position-major copies, made once
+            key, value = key.contiguous(), value.contiguous()
         for start in range(0, length, block):
             span = slice(start, start + block)
             q, go = query[:, span], grad_out[:, span]
+            picked: SparseRows | None = ctx.sparse.get(start)
+            if picked is not None:
+                grad_w = picked.dot(value, go)
+                picked.scatter_add_(grad_v, picked.weights, go)
+                grad_scores = normaliser.backward(picked.weights.clone(), grad_w)
+                grad_q[:, span] = picked.combine(grad_scores, key)
+                picked.scatter_add_(grad_k, grad_scores, q)
+                continue
             size = q.shape[1]
             scores = torch.matmul(q, key_t, out=_block(scores_scratch, n, size, keys))
             weights = normaliser.recompute(scores, stats[:, span])

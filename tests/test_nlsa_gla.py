@@ -274,7 +274,7 @@ def test_gla_learnable_term_matches_fc_as_a_tensor(monkeypatch, grad):
     """GLA hands ``fc`` to the attention by its parts (evaluated in slices of positions,
     recomputed block by block in the backward pass); its output and every gradient equal
     those of the block whose bias ``fc(f)`` is made by ``nn.Sequential`` and passed whole."""
-    from nlsr.attention import buckets
+    from nlsr.attention import buckets, gla
 
     torch.manual_seed(0)
     block = create_attention("gla", 8, chunk_size=6, n_hashes=2).double()
@@ -292,6 +292,7 @@ def test_gla_learnable_term_matches_fc_as_a_tensor(monkeypatch, grad):
             return [y]
         return [y.detach(), *torch.autograd.grad((y * weight).sum(), [xi, *block.parameters()])]
 
+    monkeypatch.setattr(gla, "STORED_TERM_ELEMENTS", 0)  # never kept whole: recomputed
     monkeypatch.setattr(buckets, "MLP_SLICE", 7)  # several slices per batch item
     monkeypatch.setattr(buckets, "BLOCK_ELEMENTS", 3 * 6 * 6)  # one chunk per block
     parts = run()
@@ -307,3 +308,20 @@ def test_gla_learnable_term_matches_fc_as_a_tensor(monkeypatch, grad):
     if grad:
         monkeypatch.undo()
         assert torch.autograd.gradcheck(block, (x.clone().requires_grad_(),), fast_mode=True)
+
+
+def test_gla_keeps_a_small_learnable_term_whole_and_recomputes_a_large_one(monkeypatch):
+    """Training keeps ``fc(f)`` whole up to STORED_TERM_ELEMENTS values, beyond that hands it
+    to the attention by its parts; inference always evaluates it (in slices)."""
+    from nlsr.attention import gla
+    from nlsr.attention.buckets import KeyBiasMLP
+
+    block = create_attention("gla", 8, chunk_size=6, n_hashes=1)
+    x = torch.randn(2, 8, 5, 4)  # 2 x 20 positions x 6 slots = 240 values
+    monkeypatch.setattr(gla, "STORED_TERM_ELEMENTS", 240)
+    assert isinstance(block._learnable_term(x), torch.Tensor)
+    monkeypatch.setattr(gla, "STORED_TERM_ELEMENTS", 239)
+    assert isinstance(block._learnable_term(x), KeyBiasMLP)
+    with torch.no_grad():
+        term = block._learnable_term(x)
+    assert isinstance(term, torch.Tensor) and term.shape == (2, 20, 6)

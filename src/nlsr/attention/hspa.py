@@ -17,7 +17,7 @@ keys bound tau from below, so only the few groups that can hold support entries 
 (:func:`candidates`), with the same doubling search started from a few entries. Rows are
 computed in blocks of queries (see :func:`nlsr.attention.nla.attend_blocked`), so memory is
 O(block x L), not O(L^2); blocks of rows with narrow supports are kept by their supports
-(:func:`sparsemax_support_`), so that the products with the values and the backward pass cost
+(:func:`sparsemax_rows_`), so that the products with the values and the backward pass cost
 O(support) per row.
 """
 
@@ -40,7 +40,7 @@ BOUND_GROUPS = 64
 #: Sorted entries of the first threshold search (doubled for the rows whose support fills them).
 FIRST_K = 8
 #: A block of rows whose widest support holds at most this fraction of at least
-#: :data:`SPARSE_MIN_KEYS` keys is kept by its supports (:func:`sparsemax_support_`). Gathers
+#: :data:`SPARSE_MIN_KEYS` keys is kept by its supports (:func:`sparsemax_rows_`). Gathers
 #: cost more per entry than a dense product: on the 2-core CPU, HSPA with 1,024 keys (C = 48,
 #: supports of ~40) is 1.3x slower kept sparse, with 2,304 keys level (inference) to 1.4x
 #: faster (training), with 9,216 keys 1.4x (inference) and 3.3x (training) faster.
@@ -154,35 +154,23 @@ def sparsemax_rows(scores: Tensor, topk: int | None = None) -> Tensor:
     return sparsemax_rows_(scores.clone(), topk)[0]
 
 
-def sparsemax_rows_(scores: Tensor, topk: int | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`sparsemax_rows` computed in place in ``scores``; statistics (row maximum, tau)."""
-    high = scores.amax(dim=-1, keepdim=True)
-    z = scores.sub_(high)
-    tau, _ = sparsemax_threshold(z, topk)
-    return z.sub_(tau).clamp_(min=0), torch.cat([high, tau], dim=-1)
-
-
-def sparsemax_rows_recompute_(scores: Tensor, stats: Tensor) -> Tensor:
-    """:func:`sparsemax_rows_`'s weights from its statistics, without the threshold search."""
-    return scores.sub_(stats[..., :1]).sub_(stats[..., 1:]).clamp_(min=0)
-
-
-def sparsemax_support_(
-    scores: Tensor, topk: int | None = None
+def sparsemax_rows_(
+    scores: Tensor, topk: int | None = None, sparse: bool = False
 ) -> tuple[Tensor | SparseRows, Tensor]:
-    """:func:`sparsemax_rows_`, but a block whose widest support holds at most
-    :data:`SPARSE_FRACTION` of the keys is returned by its supports (:class:`SparseRows`, taken
+    """:func:`sparsemax_rows` computed in place in ``scores``; statistics (row maximum, tau).
+    With ``sparse``, a block whose widest support holds at most :data:`SPARSE_FRACTION` of at
+    least :data:`SPARSE_MIN_KEYS` keys is returned by its supports (:class:`SparseRows`, taken
     from the rows' :func:`candidates`), so that the attention multiplies the values by a handful
     of weights per row, not by the whole row."""
     shape = (*scores.shape[:-1], 1)
+    keys = scores.shape[-1]
     high = scores.amax(dim=-1, keepdim=True)
     z = scores.sub_(high)
-    tau, size, kept, columns = _candidate_threshold(z.view(-1, z.shape[-1]), topk)
+    tau, size, kept, columns = _candidate_threshold(z.reshape(-1, keys), topk)
     tau = tau.view(shape)
     stats = torch.cat([high, tau], dim=-1)
     width = int(size.max())
-    keys = z.shape[-1]
-    if keys < SPARSE_MIN_KEYS or width > keys * SPARSE_FRACTION:
+    if not sparse or keys < SPARSE_MIN_KEYS or width > keys * SPARSE_FRACTION:
         return z.sub_(tau).clamp_(min=0), stats
     top, at = kept.topk(width, dim=-1, sorted=False)
     index = candidate_columns(at, columns, keys)
@@ -190,11 +178,18 @@ def sparsemax_support_(
     return SparseRows(index.view(*shape[:-1], width), weights), stats
 
 
+def sparsemax_rows_recompute_(scores: Tensor, stats: Tensor) -> Tensor:
+    """:func:`sparsemax_rows_`'s weights from its statistics, without the threshold search."""
+    return scores.sub_(stats[..., :1]).sub_(stats[..., 1:]).clamp_(min=0)
+
+
 def sparsemax_normaliser(topk: int | None = None) -> RowNormaliser:
     """Sparsemax rows for :func:`nlsr.attention.nla.attend_blocked`, kept by their supports
     where those are narrow (``topk``: see :func:`sparsemax_threshold`)."""
     return RowNormaliser(
-        partial(sparsemax_support_, topk=topk), sparsemax_rows_recompute_, sparsemax_rows_backward_
+        partial(sparsemax_rows_, topk=topk, sparse=True),
+        sparsemax_rows_recompute_,
+        sparsemax_rows_backward_,
     )
 
 

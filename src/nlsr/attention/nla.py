@@ -188,7 +188,8 @@ class _BlockedAttention(torch.autograd.Function):
         grad_k = key.new_zeros(key.shape)  # contiguous, for the sparse blocks' index_add_
         grad_v = value.new_zeros(value.shape)
         key_t, value_t = key.transpose(1, 2), value.transpose(1, 2)
-        rows = min(block, length) if len(ctx.sparse) < -(-length // block) else 0  # any dense?
+        n_blocks = -(-length // block)
+        rows = min(block, length) if len(ctx.sparse) < n_blocks else 0  # scratch: dense blocks only
         scores_scratch = _scratch(query, n, rows, keys)
         grad_scratch = _scratch(query, n, rows, keys)
         if ctx.sparse:  # the sparse products gather rows: position-major copies, made once

@@ -120,8 +120,17 @@ def test_measure_reports_every_run_and_the_peak() -> None:
 def test_tiny_run_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     name = _block()
     out = tmp_path / "b.json"
-    status = main(["bench", "--blocks", name, "--sizes", "8", "--repeat", "1", "--channels",
-                   "16", "--device", "cpu", "--json", str(out), "--quiet"])
+    status = main(
+        [
+            "bench",
+            "--blocks",
+            name,
+            *"--sizes 8 --repeat 1 --channels 16 --device cpu".split(),
+            "--json",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert status == 0
     report = json.loads(out.read_text())
     assert report["schema"] == bench.SCHEMA_VERSION
@@ -148,8 +157,9 @@ def test_tiny_run_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_sizes_beyond_the_limits_are_skipped_with_a_note() -> None:
-    settings = bench.Settings(blocks=[_block()], sizes=[16, 8], channels=8, modes=["infer"],
-                              repeat=1, max_seconds=1e-9)
+    settings = bench.Settings(
+        blocks=[_block()], sizes=[16, 8], channels=8, modes=["infer"], repeat=1, max_seconds=1e-9
+    )
     report = bench.run_suite(settings)
     first, second = report.rows
     assert (first.size, first.status) == (8, "ok")
@@ -173,19 +183,25 @@ def test_a_failing_block_is_reported_and_larger_sizes_skipped(
 
     available_attention()  # register the real blocks first
     monkeypatch.setitem(nlsr.attention._BLOCKS, "broken", _Broken)
-    report = bench.run_suite(bench.Settings(blocks=["broken"], sizes=[8, 16], channels=4,
-                                            modes=["infer"], repeat=1))
+    report = bench.run_suite(
+        bench.Settings(blocks=["broken"], sizes=[8, 16], channels=4, modes=["infer"], repeat=1)
+    )
     first, second = report.rows
     assert first.status == "error" and first.note == "RuntimeError: boom"
     assert second.status == "skipped" and "not measured" in second.note
-    assert main(["bench", "--blocks", "broken", "--sizes", "8", "--mode", "infer",
-                 "--repeat", "1", "--quiet"]) == 1
+    assert main("bench --blocks broken --sizes 8 --mode infer --repeat 1 --quiet".split()) == 1
     assert "RuntimeError: boom" in capsys.readouterr().out
 
 
 def test_a_large_first_size_is_probed_before_it_runs() -> None:
-    settings = bench.Settings(blocks=[_block()], sizes=[bench.PROBE_FROM], channels=8,
-                              modes=["infer"], repeat=1, max_seconds=1e-9)
+    settings = bench.Settings(
+        blocks=[_block()],
+        sizes=[bench.PROBE_FROM],
+        channels=8,
+        modes=["infer"],
+        repeat=1,
+        max_seconds=1e-9,
+    )
     (row,) = bench.run_suite(settings).rows
     side = bench.PROBE_FROM
     assert row.status == "skipped"
@@ -193,8 +209,20 @@ def test_a_large_first_size_is_probed_before_it_runs() -> None:
 
 
 def test_fits_come_from_the_measured_rows() -> None:
-    rows = [bench.Row("block", "x", s, s * s, 8, "infer", "ok", median_s=1e-6 * (s * s) ** 1.5,
-                      extra_bytes=1000 * s * s) for s in (48, 96, 192)]
+    rows = [
+        bench.Row(
+            "block",
+            "x",
+            s,
+            s * s,
+            8,
+            "infer",
+            "ok",
+            median_s=1e-6 * (s * s) ** 1.5,
+            extra_bytes=1000 * s * s,
+        )
+        for s in (48, 96, 192)
+    ]
     fits = {f.metric: f for f in bench.fit_rows(rows, (96, 384))}
     assert fits["time"].exponent == pytest.approx(1.5)
     assert fits["memory"].exponent == pytest.approx(1.0)
@@ -259,17 +287,27 @@ def test_plot_without_matplotlib_says_how_to_get_it(
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "p.png"
-    status = main(["bench", "--blocks", _block(), "--sizes", "8,12", "--repeat", "1",
-                   "--channels", "8", "--quiet", "--plot", str(out)])
+    status = main(
+        [
+            "bench",
+            "--blocks",
+            _block(),
+            *"--sizes 8,12 --repeat 1 --channels 8 --quiet".split(),
+            "--plot",
+            str(out),
+        ]
+    )
     assert status == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_released_baseline_rows_and_ratios(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    status = main(["bench", "--blocks", "gla,hspa", "--sizes", "12", "--repeat", "1",
-                   "--channels", "16", "--device", "cpu", "--mode", "infer", "--baseline",
-                   "released", "--json", str(out), "--quiet"])
+    status = main(
+        "bench --blocks gla,hspa --sizes 12 --repeat 1 --channels 16 --device cpu --mode infer "
+        "--baseline released --quiet".split()
+        + ["--json", str(out)]
+    )
     assert status == 0
     report = json.loads(out.read_text())
     names = [r["name"] for r in report["rows"]]
@@ -287,9 +325,11 @@ def test_released_baseline_rows_and_ratios(tmp_path: Path) -> None:
 
 def test_resblock_reference_row(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    status = main(["bench", "--blocks", "resblock", "--sizes", "8", "--repeat", "1",
-                   "--channels", "16", "--device", "cpu", "--mode", "infer", "--json", str(out),
-                   "--quiet"])
+    status = main(
+        "bench --blocks resblock --sizes 8 --repeat 1 --channels 16 --device cpu --mode infer "
+        "--quiet".split()
+        + ["--json", str(out)]
+    )
     assert status == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["name"] == "resblock" and row["status"] == "ok"
@@ -299,9 +339,14 @@ def test_resblock_reference_row(tmp_path: Path) -> None:
 def test_saved_results_are_merged_and_reprinted(tmp_path: Path, capsys) -> None:
     a, b, merged = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
     for path, size in ((a, "8"), (b, "12")):
-        assert main(["bench", "--blocks", "resblock", "--sizes", size, "--repeat", "1",
-                     "--channels", "8", "--device", "cpu", "--mode", "infer", "--json",
-                     str(path), "--quiet"]) == 0
+        assert (
+            main(
+                f"bench --blocks resblock --sizes {size} --repeat 1 --channels 8 --device cpu "
+                "--mode infer --quiet".split()
+                + ["--json", str(path)]
+            )
+            == 0
+        )
     capsys.readouterr()
     assert main(["bench", "--from-json", str(a), str(b), "--json", str(merged)]) == 0
     out = capsys.readouterr().out

@@ -128,8 +128,14 @@ def test_lcoa_block_matches_naive_reference(h: int, w: int, window: int) -> None
 
 def test_standalone_in_edsr() -> None:
     torch.manual_seed(0)
-    model = create("edsr", 2, n_resblocks=2, n_feats=8, attention="lcoa",
-                   attention_options={"n_clusters": 4, "window_size": 8})
+    model = create(
+        "edsr",
+        2,
+        n_resblocks=2,
+        n_feats=8,
+        attention="lcoa",
+        attention_options={"n_clusters": 4, "window_size": 8},
+    )
     out = model(torch.rand(1, 3, 9, 11))
     assert out.shape == (1, 3, 18, 22)
     assert torch.isfinite(out).all()
@@ -229,11 +235,13 @@ def test_ema_update_closed_form() -> None:
     u = F.normalize(torch.tensor([[3.0, 1.0], [1.0, 0.0], [0.0, 2.0], [1.0, 3.0]]), dim=-1)
     target1 = F.normalize(u[0] + u[1], dim=0)
     target2 = F.normalize(u[2] + u[3], dim=0)
-    expected = torch.stack([
-        decay * torch.tensor([1.0, 0.0]) + (1 - decay) * target1,
-        decay * torch.tensor([0.0, 1.0]) + (1 - decay) * target2,
-        torch.tensor([-1.0, -1.0]),
-    ]).unsqueeze(0)
+    expected = torch.stack(
+        [
+            decay * torch.tensor([1.0, 0.0]) + (1 - decay) * target1,
+            decay * torch.tensor([0.0, 1.0]) + (1 - decay) * target2,
+            torch.tensor([-1.0, -1.0]),
+        ]
+    ).unsqueeze(0)
     assert torch.allclose(block.kmeans.means, expected, atol=1e-6)
     # Released behaviour and evaluation leave the centroids alone.
     for block in (ema_block(decay, "none").train(), ema_block(decay, "ema").eval()):

@@ -443,9 +443,7 @@ REFERENCE_BLOCK = "resblock"
 BASELINES = ("released",)
 
 
-def _released_hash(
-    block: nn.Module, x: torch.Tensor, n_buckets: int, signed: bool
-) -> torch.Tensor:
+def _released_hash(block: nn.Module, x: torch.Tensor, n_buckets: int, signed: bool) -> torch.Tensor:
     """Codes ``[N, R, L]`` as released: an einsum of the embeddings with the rounds' random
     projections, ``[xR, -xR]`` for NLSA (``signed``), and an argmax over the concatenation."""
     width = n_buckets // 2 if signed else n_buckets
@@ -630,12 +628,19 @@ def baseline_ratios(rows: Sequence[Row]) -> list[dict[str, Any]]:
         mine = ours.get((r.kind, name, r.size, r.mode))
         if not baseline or r.status != "ok" or mine is None:
             continue
-        ratios.append({
-            "kind": r.kind, "name": name, "baseline": baseline, "size": r.size, "mode": r.mode,
-            "cpu_ratio": (r.cpu_median_s or 0.0) / (mine.cpu_median_s or float("inf")),
-            "memory_ratio": None if not (r.extra_bytes and mine.extra_bytes)
-            else r.extra_bytes / mine.extra_bytes,
-        })
+        ratios.append(
+            {
+                "kind": r.kind,
+                "name": name,
+                "baseline": baseline,
+                "size": r.size,
+                "mode": r.mode,
+                "cpu_ratio": (r.cpu_median_s or 0.0) / (mine.cpu_median_s or float("inf")),
+                "memory_ratio": None
+                if not (r.extra_bytes and mine.extra_bytes)
+                else r.extra_bytes / mine.extra_bytes,
+            }
+        )
     return ratios
 
 
@@ -858,8 +863,15 @@ def run_suite(settings: Settings, log: Callable[[str], None] | None = None) -> R
             stop = ""
             for size in sizes:
                 positions = size * size
-                row = Row(kind, name, size, positions, settings.channels if kind == "block" else 3,
-                          mode, "ok")
+                row = Row(
+                    kind,
+                    name,
+                    size,
+                    positions,
+                    settings.channels if kind == "block" else 3,
+                    mode,
+                    "ok",
+                )
                 if not history and not stop and size >= PROBE_FROM:
                     history = _probe(kind, name, mode, size, build, settings, device, meter, log)
                 row.note = stop or _skip_reason(settings, history, positions)
@@ -899,8 +911,9 @@ def _probe(
     quick = replace(settings, repeat=1, warmup=0, profile_top=0)
     history: list[tuple[int, float, int | None]] = []
     for side in (size // 8, size // 4):
-        row = Row(kind, name, side, side * side, settings.channels if kind == "block" else 3,
-                  mode, "ok")
+        row = Row(
+            kind, name, side, side * side, settings.channels if kind == "block" else 3, mode, "ok"
+        )
         _measure_row(row, build, quick, device, meter)
         gc.collect()
         if log:
@@ -924,8 +937,10 @@ def _measure_row(
         module = build()
         row.parameters = sum(p.numel() for p in module.parameters())
         shape = (settings.batch, row.channels, row.size, row.size)
-        inputs = torch.randn(shape, device=device) if row.kind == "block" else torch.rand(
-            shape, device=device
+        inputs = (
+            torch.randn(shape, device=device)
+            if row.kind == "block"
+            else torch.rand(shape, device=device)
         )
         if row.mode == "train" and row.kind == "block":
             inputs.requires_grad_(True)
@@ -934,8 +949,9 @@ def _measure_row(
             return
         row.input_bytes = inputs.numel() * inputs.element_size()
         fn = workload(module, inputs, row.mode)
-        timing = measure(fn, repeat=settings.repeat, warmup=settings.warmup, device=device,
-                         meter=meter)
+        timing = measure(
+            fn, repeat=settings.repeat, warmup=settings.warmup, device=device, meter=meter
+        )
         row.times_s = timing.times_s
         row.median_s = timing.median_s
         row.min_s = min(timing.times_s)
@@ -965,8 +981,10 @@ def fit_rows(rows: Sequence[Row], fit_range: tuple[int, int]) -> list[Fit]:
         if len(set(sizes)) < 2:
             continue
         positions = [r.positions for r in group]
-        for metric, values in (("time", [r.median_s or 0.0 for r in group]),
-                               ("cpu", [r.cpu_median_s or 0.0 for r in group])):
+        for metric, values in (
+            ("time", [r.median_s or 0.0 for r in group]),
+            ("cpu", [r.cpu_median_s or 0.0 for r in group]),
+        ):
             if min(values) > 0:
                 fits.append(Fit(kind, name, mode, metric, fit_exponent(positions, values), sizes))
         mem = [r for r in group if r.extra_bytes]
@@ -1017,8 +1035,10 @@ def _row_line(r: Row) -> str:
 
 def format_table(report: Report) -> str:
     """The rows as a fixed-width table, followed by the fitted exponents."""
-    head = (f"{'kind':<5} {'name':<12} {'size':>5} {'positions':>9} {'mode':<5} "
-            f"{'median s':>9} {'min s':>9} {'cpu s':>9} {'peak':>10} {'extra':>10}  note")
+    head = (
+        f"{'kind':<5} {'name':<12} {'size':>5} {'positions':>9} {'mode':<5} "
+        f"{'median s':>9} {'min s':>9} {'cpu s':>9} {'peak':>10} {'extra':>10}  note"
+    )
     lines = [head, "-" * len(head)]
     for r in report.rows:
         med = f"{r.median_s:.4f}" if r.median_s is not None else "-"
@@ -1037,23 +1057,29 @@ def format_table(report: Report) -> str:
         lines.append("  none (needs two measured sizes inside the range; see --fit-range)")
     for f in report.fits:
         sizes = ",".join(str(s) for s in f.sizes)
-        lines.append(f"  {f.kind:<5} {f.name:<12} {f.mode:<5} {f.metric:<6} p = {f.exponent:.3f}"
-                     f"  (sizes {sizes})")
+        lines.append(
+            f"  {f.kind:<5} {f.name:<12} {f.mode:<5} {f.metric:<6} p = {f.exponent:.3f}"
+            f"  (sizes {sizes})"
+        )
     ratios = baseline_ratios(report.rows)
     if ratios:
         lines.append("")
         lines.append("Baseline / nlsr (CPU time, extra memory; > 1: nlsr is faster / leaner):")
     for q in ratios:
         memory = "-" if q["memory_ratio"] is None else f"{q['memory_ratio']:.2f}x"
-        lines.append(f"  {q['kind']:<5} {q['name']:<12} {q['size']:>5} {q['mode']:<5} "
-                     f"{q['baseline']}: time {q['cpu_ratio']:.2f}x  memory {memory}")
+        lines.append(
+            f"  {q['kind']:<5} {q['name']:<12} {q['size']:>5} {q['mode']:<5} "
+            f"{q['baseline']}: time {q['cpu_ratio']:.2f}x  memory {memory}"
+        )
     return "\n".join(lines)
 
 
 def format_profile(row: Row) -> str:
     """The profiled top operators of ``row`` as a small table."""
-    lines = [f"Top ops: {row.kind} {row.name} size {row.size} {row.mode}",
-             f"  {'self s':>8} {'share':>6} {'calls':>6}  op"]
+    lines = [
+        f"Top ops: {row.kind} {row.name} size {row.size} {row.mode}",
+        f"  {'self s':>8} {'share':>6} {'calls':>6}  op",
+    ]
     for op in row.profile or []:
         share = f"{op['self_fraction']:.1%}"
         lines.append(f"  {op['self_s']:>8.4f} {share:>6} {op['calls']:>6}  {op['op']}")
@@ -1120,8 +1146,12 @@ def plot(report: Report, path: str | Path) -> Path:
             series.setdefault((r.name, r.mode), []).append(r)
     colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(n for n, _ in series))}
     for (name, mode), rs in sorted(series.items()):
-        style = {"color": colors[name], "linestyle": "-" if mode == "infer" else "--",
-                 "marker": "o", "label": f"{name} {mode}"}
+        style = {
+            "color": colors[name],
+            "linestyle": "-" if mode == "infer" else "--",
+            "marker": "o",
+            "label": f"{name} {mode}",
+        }
         times = [r.cpu_median_s if cpu else r.median_s for r in rs]
         ax_t.plot([r.positions for r in rs], times, **style)
         mem = [(r.positions, r.extra_bytes / 2**20) for r in rs if r.extra_bytes]

@@ -129,8 +129,12 @@ class LCoA(nn.Module):
                 f"option centroid_update: expected one of {CENTROID_UPDATES}, "
                 f"got {centroid_update!r}"
             )
-        for name, value in (("reduction", reduction), ("n_clusters", n_clusters),
-                            ("window_size", window_size), ("n_rounds", n_rounds)):
+        for name, value in (
+            ("reduction", reduction),
+            ("n_clusters", n_clusters),
+            ("window_size", window_size),
+            ("n_rounds", n_rounds),
+        ):
             if value < 1:
                 raise ValueError(f"option {name}: must be >= 1, got {value}")
         if channels % reduction:

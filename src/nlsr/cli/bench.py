@@ -51,38 +51,73 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="networks, comma-separated; ARCH+BLOCK is the network with its attention replaced "
         "by BLOCK (e.g. lcoan+nla) or with attention=BLOCK (edsr, rcan)",
     )
-    p.add_argument("--config", choices=("small", "paper"), default="small",
-                   help="network size: reduced (default) or the paper's")
+    p.add_argument(
+        "--config",
+        choices=("small", "paper"),
+        default="small",
+        help="network size: reduced (default) or the paper's",
+    )
     p.add_argument("--scale", type=int, default=2, help="network upscaling factor (default 2)")
-    p.add_argument("--sizes", default="48,96,192,384",
-                   help="feature-map sides, comma-separated (default 48,96,192,384)")
+    p.add_argument(
+        "--sizes",
+        default="48,96,192,384",
+        help="feature-map sides, comma-separated (default 48,96,192,384)",
+    )
     p.add_argument("--channels", type=int, default=64, help="block channels (default 64)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--mode", default="infer,train",
-                   help="infer (forward, inference mode), train (forward+backward) or both")
+    p.add_argument(
+        "--mode",
+        default="infer,train",
+        help="infer (forward, inference mode), train (forward+backward) or both",
+    )
     p.add_argument("--repeat", type=int, default=5, help="timed runs per point (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--device", default="auto", help="cpu, cuda[:i] or auto (default)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--max-memory", default="4G",
-                   help="skip points predicted to need more extra memory (default 4G; 'none')")
-    p.add_argument("--max-seconds", type=float, default=30.0,
-                   help="skip points predicted to take longer per run (default 30; 0 = no limit)")
-    p.add_argument("--fit-range", default="96,384",
-                   help="MIN,MAX sides (inclusive) used to fit the exponents (default 96,384)")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="also profile one run of every point and print its top N operators")
+    p.add_argument(
+        "--max-memory",
+        default="4G",
+        help="skip points predicted to need more extra memory (default 4G; 'none')",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=30.0,
+        help="skip points predicted to take longer per run (default 30; 0 = no limit)",
+    )
+    p.add_argument(
+        "--fit-range",
+        default="96,384",
+        help="MIN,MAX sides (inclusive) used to fit the exponents (default 96,384)",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile one run of every point and print its top N operators",
+    )
     p.add_argument("--seed", type=int, default=0, help="torch seed before every point")
-    p.add_argument("--baseline", choices=("released",),
-                   help="also measure every NLSA/GLA/HSPA block and network computed the way the "
-                   "authors' released code does (rows NAME@released) and print the ratios")
+    p.add_argument(
+        "--baseline",
+        choices=("released",),
+        help="also measure every NLSA/GLA/HSPA block and network computed the way the "
+        "authors' released code does (rows NAME@released) and print the ratios",
+    )
     p.add_argument("--json", metavar="FILE", help="write the full results as JSON")
-    p.add_argument("--plot", metavar="FILE.png",
-                   help="log-log plot of time and memory (needs the optional extra 'bench')")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="log-log plot of time and memory (needs the optional extra 'bench')",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
-    p.add_argument("--from-json", metavar="FILE", nargs="+",
-                   help="measure nothing: print (and --plot) the results saved by --json in "
-                   "these files, merged")
+    p.add_argument(
+        "--from-json",
+        metavar="FILE",
+        nargs="+",
+        help="measure nothing: print (and --plot) the results saved by --json in "
+        "these files, merged",
+    )
     p.set_defaults(run=run)
 
 
@@ -112,8 +147,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     fit = _ints("--fit-range", args.fit_range)
     if len(fit) != 2 or fit[0] > fit[1]:
         raise BenchError(f"--fit-range: expected MIN,MAX with MIN <= MAX, got {args.fit_range!r}")
-    for option, value in (("--channels", args.channels), ("--batch", args.batch),
-                          ("--repeat", args.repeat)):
+    for option, value in (
+        ("--channels", args.channels),
+        ("--batch", args.batch),
+        ("--repeat", args.repeat),
+    ):
         if value < 1:
             raise BenchError(f"{option} must be >= 1, got {value}")
     if args.warmup < 0 or args.max_seconds < 0 or args.profile < 0:
@@ -167,9 +205,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"nlsr bench: {err}", file=sys.stderr)
         return 2
     env = report.environment
-    print(f"device {env['device']} ({env['device_name']}), torch {env['torch']}, "
-          f"{env['threads']} threads, memory: {env['memory_method']}, load average "
-          f"{env['load_average_start']} -> {env['load_average_end']}")
+    print(
+        f"device {env['device']} ({env['device_name']}), torch {env['torch']}, "
+        f"{env['threads']} threads, memory: {env['memory_method']}, load average "
+        f"{env['load_average_start']} -> {env['load_average_end']}"
+    )
     print(bench.format_table(report))
     for row in report.rows:
         if row.profile:

@@ -60,9 +60,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--overlap", type=int, default=16, help="tile overlap in pixels (default 16)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--self-ensemble", action="store_true", help="average the x8 flips/rotations")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: bfloat16 autocast for the convolutions (faster on CUDA; about a "
-                   "grey level from fp32); attention stays float32 (default fp32)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: bfloat16 autocast for the convolutions (faster on CUDA; about a "
+        "grey level from fp32); attention stays float32 (default fp32)",
+    )
     p.add_argument("--chop", action="store_true", help="the authors' quadrant chop (reproduction)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--suffix", default="", help="appended to output file names, e.g. _x2")

@@ -25,6 +25,11 @@ def _block() -> str:
     return "nla" if "nla" in names else names[0]
 
 
+def _bench(options: str, *more: str | Path) -> int:
+    """Run `nlsr bench` with the space-separated `options`, then `more` arguments (paths)."""
+    return main(["bench", *options.split(), *map(str, more)])
+
+
 # ----------------------------------------------------------------------------- exponent fit
 
 
@@ -120,16 +125,8 @@ def test_measure_reports_every_run_and_the_peak() -> None:
 def test_tiny_run_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     name = _block()
     out = tmp_path / "b.json"
-    status = main(
-        [
-            "bench",
-            "--blocks",
-            name,
-            *"--sizes 8 --repeat 1 --channels 16 --device cpu".split(),
-            "--json",
-            str(out),
-            "--quiet",
-        ]
+    status = _bench(
+        f"--blocks {name} --sizes 8 --repeat 1 --channels 16 --device cpu --quiet --json", out
     )
     assert status == 0
     report = json.loads(out.read_text())
@@ -189,7 +186,7 @@ def test_a_failing_block_is_reported_and_larger_sizes_skipped(
     first, second = report.rows
     assert first.status == "error" and first.note == "RuntimeError: boom"
     assert second.status == "skipped" and "not measured" in second.note
-    assert main("bench --blocks broken --sizes 8 --mode infer --repeat 1 --quiet".split()) == 1
+    assert _bench("--blocks broken --sizes 8 --mode infer --repeat 1 --quiet") == 1
     assert "RuntimeError: boom" in capsys.readouterr().out
 
 
@@ -287,26 +284,17 @@ def test_plot_without_matplotlib_says_how_to_get_it(
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "p.png"
-    status = main(
-        [
-            "bench",
-            "--blocks",
-            _block(),
-            *"--sizes 8,12 --repeat 1 --channels 8 --quiet".split(),
-            "--plot",
-            str(out),
-        ]
-    )
+    status = _bench(f"--blocks {_block()} --sizes 8,12 --repeat 1 --channels 8 --quiet --plot", out)
     assert status == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_released_baseline_rows_and_ratios(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    status = main(
-        "bench --blocks gla,hspa --sizes 12 --repeat 1 --channels 16 --device cpu --mode infer "
-        "--baseline released --quiet".split()
-        + ["--json", str(out)]
+    status = _bench(
+        "--blocks gla,hspa --sizes 12 --repeat 1 --channels 16 --device cpu --mode infer "
+        "--baseline released --quiet --json",
+        out,
     )
     assert status == 0
     report = json.loads(out.read_text())
@@ -325,10 +313,10 @@ def test_released_baseline_rows_and_ratios(tmp_path: Path) -> None:
 
 def test_resblock_reference_row(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    status = main(
-        "bench --blocks resblock --sizes 8 --repeat 1 --channels 16 --device cpu --mode infer "
-        "--quiet".split()
-        + ["--json", str(out)]
+    status = _bench(
+        "--blocks resblock --sizes 8 --repeat 1 --channels 16 --device cpu --mode infer "
+        "--quiet --json",
+        out,
     )
     assert status == 0
     (row,) = json.loads(out.read_text())["rows"]
@@ -340,10 +328,10 @@ def test_saved_results_are_merged_and_reprinted(tmp_path: Path, capsys) -> None:
     a, b, merged = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
     for path, size in ((a, "8"), (b, "12")):
         assert (
-            main(
-                f"bench --blocks resblock --sizes {size} --repeat 1 --channels 8 --device cpu "
-                "--mode infer --quiet".split()
-                + ["--json", str(path)]
+            _bench(
+                f"--blocks resblock --sizes {size} --repeat 1 --channels 8 --device cpu "
+                "--mode infer --quiet --json",
+                path,
             )
             == 0
         )

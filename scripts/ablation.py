@@ -7,9 +7,11 @@ learnable similarity term, HSPA and LCoA, then scored on Set5 and Urban100 x2.
 
 Resumable: a variant whose run has finished (its ``ema.safetensors`` holds ``--iterations``
 iterations) is not trained again, an interrupted one resumes from its checkpoint, and a variant
-whose scores for these settings exist (``scores.json``) is not evaluated again. Every variant
-gets the same data, patches, batch, schedule, seed and iterations; only the attention differs.
-The results table in the report is rewritten between its markers after every variant.
+whose scores for these settings exist (``scores.json``, or ``scores-first<N>.json`` with
+``--max-images N``) is not evaluated again. Every variant gets the same data, patches, batch,
+schedule, seed and iterations; only the attention differs. The results table in the report is
+rewritten after every variant, between the markers ``ablation:results`` (all images) or
+``ablation:results-first<N>`` (``--max-images N``), so both tables can sit in one page.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from nlsr.atomic import atomic_write
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "ship" / "ablation_x2.yaml"
 REPORT = REPO / "docs" / "ablation.md"
-MARKERS = ("<!-- ablation:results:start -->", "<!-- ablation:results:end -->")
 SETS = ("Set5", "Urban100")
 SCALE = 2
 #: variant -> (attention block or None, its options, what it tests).
@@ -138,17 +139,33 @@ def speed(run_dir: Path) -> float | None:
     return statistics.median(rates[1:] or rates) if rates else None
 
 
+def subset_key(args: argparse.Namespace) -> str:
+    """``""`` when every image is scored, ``"-first<N>"`` with ``--max-images N``."""
+    return "" if args.max_images is None else f"-first{args.max_images}"
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """What a cached score must have been computed with to be reused."""
+    return {"iterations": args.iterations, "max_images": args.max_images, "tile": args.tile}
+
+
+def cached_scores(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The variant's scores for these settings, if they were computed before."""
+    path = run_dir / f"scores{subset_key(args)}.json"
+    if not path.is_file():
+        return None
+    cached = json.loads(path.read_text())
+    return cached if cached.get("settings") == settings_of(args) else None
+
+
 def score_variant(name: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """PSNR/SSIM of the variant's EMA weights on SETS (cached in ``scores.json``)."""
+    """PSNR/SSIM of the variant's EMA weights on SETS (cached, see :func:`cached_scores`)."""
     from nlsr.checkpoint import load
     from nlsr.evaluation import evaluate
 
-    path = run_dir / "scores.json"
-    settings = {"iterations": args.iterations, "max_images": args.max_images, "tile": args.tile}
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("settings") == settings:
-            return cached
+    cached = cached_scores(run_dir, args)
+    if cached is not None:
+        return cached
     model = load(run_dir / "ema.safetensors")
     root = subset_root(args.data_root, args.max_images, run_dir / "eval_subset")
     sets = {}
@@ -173,11 +190,12 @@ def score_variant(name: str, run_dir: Path, args: argparse.Namespace) -> dict[st
         print(f"{name}: {set_name} x{SCALE} {r.psnr:.3f} dB / {r.ssim:.4f}", flush=True)
     scores = {
         "variant": name,
-        "settings": settings,
+        "settings": settings_of(args),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_it_per_s": speed(run_dir),
         "sets": sets,
     }
+    path = run_dir / f"scores{subset_key(args)}.json"
     atomic_write(path, (json.dumps(scores, indent=2) + "\n").encode("utf-8"))
     return scores
 
@@ -218,10 +236,10 @@ def table(scores: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, body: str) -> None:
-    """Replace the part of ``path`` between MARKERS with ``body``."""
+def write_report(path: Path, body: str, key: str = "") -> None:
+    """Replace the part of ``path`` between the ``ablation:results<key>`` markers with ``body``."""
     text = path.read_text(encoding="utf-8")
-    start, end = MARKERS
+    start, end = (f"<!-- ablation:results{key}:{edge} -->" for edge in ("start", "end"))
     if text.count(start) != 1 or text.count(end) != 1:
         raise SystemExit(f"{path}: needs exactly one {start} ... {end} pair")
     head, rest = text.split(start)
@@ -262,14 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     args.runs.mkdir(parents=True, exist_ok=True)
     scores: dict[str, dict[str, Any]] = {}
     for name in VARIANTS:
-        cached = args.runs / name / "scores.json"
-        if name not in args.variants.split(",") and cached.is_file():
-            scores[name] = json.loads(cached.read_text())
+        cached = cached_scores(args.runs / name, args)
+        if name not in args.variants.split(",") and cached is not None:
+            scores[name] = cached
     try:
         for name in args.variants.split(","):
             run_dir = train_variant(name, args)
             scores[name] = score_variant(name, run_dir, args)
-            write_report(args.report, table(scores, args))
+            write_report(args.report, table(scores, args), subset_key(args))
     except ValueError as e:
         print(f"ablation: error: {e}", file=sys.stderr)
         return 1

@@ -1,9 +1,11 @@
 """scripts/ablation.py: every variant differs from the others only in its attention, the schedule
-keeps its shape at any run length, and the report table is computed from the scores."""
+keeps its shape at any run length, the report table is computed from the scores, and scores
+of the whole sets and of subsets are kept apart."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -78,3 +80,31 @@ def test_table_reports_differences_to_the_backbone(ablation):
     assert "+0.000 | +0.000 |" in rows["none"]
     assert "not run" in rows["nla"]
     assert "800 iterations per variant" in text and "tiles of 64 px" in text
+
+
+def test_subset_scores_have_their_own_file_and_table(ablation, tmp_path):
+    full = ablation.parse_args(["--iterations", "800", "--tile", "64"])
+    first20 = ablation.parse_args(["--iterations", "800", "--tile", "64", "--max-images", "20"])
+    run = tmp_path / "gla"
+    run.mkdir()
+    for args, psnr in ((full, 27.9), (first20, 26.1)):
+        record = {"settings": ablation.settings_of(args), "sets": {"Urban100": {"psnr": psnr}}}
+        (run / f"scores{ablation.subset_key(args)}.json").write_text(json.dumps(record))
+    assert ablation.cached_scores(run, full)["sets"]["Urban100"]["psnr"] == 27.9
+    assert ablation.cached_scores(run, first20)["sets"]["Urban100"]["psnr"] == 26.1
+    # Scores computed with other settings (here: another tile size) are not reused.
+    other_tile = ablation.parse_args(["--iterations", "800", "--tile", "96"])
+    assert ablation.cached_scores(run, other_tile) is None
+
+    page = tmp_path / "ablation.md"
+    page.write_text(
+        "intro\n<!-- ablation:results:start -->\nold all\n<!-- ablation:results:end -->\n"
+        "between\n<!-- ablation:results-first20:start -->\nold subset\n"
+        "<!-- ablation:results-first20:end -->\nend\n"
+    )
+    ablation.write_report(page, "new subset", ablation.subset_key(first20))
+    text = page.read_text()
+    assert "old all" in text and "new subset" in text and "old subset" not in text
+    assert text.startswith("intro\n") and text.endswith("end\n")
+    with pytest.raises(SystemExit, match="ablation:results-first5"):
+        ablation.write_report(page, "x", "-first5")

@@ -216,7 +216,7 @@ def table(scores: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     for name, (_, _, what) in VARIANTS.items():
         s = scores.get(name)
         if s is None:
-            lines.append(f"| {name} | {what} | - | - | not run | not run | - | - |")
+            lines.append(f"| {name} | {what} | - | - | not scored | not scored | - | - |")
             continue
         cells = []
         for set_name in SETS:

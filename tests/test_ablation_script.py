@@ -78,7 +78,7 @@ def test_table_reports_differences_to_the_backbone(ablation):
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()}
     assert "+0.250 | +0.500 |" in rows["gla"]
     assert "+0.000 | +0.000 |" in rows["none"]
-    assert "not run" in rows["nla"]
+    assert "not scored" in rows["nla"]
     assert "800 iterations per variant" in text and "tiles of 64 px" in text
 
 

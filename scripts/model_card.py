@@ -273,7 +273,8 @@ def results_section(
             "",
             f"CPU speed (x2, {SPEED_SIZE}x{SPEED_SIZE} input, whole image, median of "
             f"{SPEED_RUNS}): **{seconds_per_mp:.2f} s per output megapixel** with {threads} "
-            f"torch threads on {cpu_name()} ({os.cpu_count()} cores visible).",
+            f"torch thread{'s' if threads != 1 else ''} on {cpu_name()} "
+            f"({os.cpu_count()} cores visible).",
         ]
     return "\n".join(lines)
 

@@ -149,9 +149,14 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return {"iterations": args.iterations, "max_images": args.max_images, "tile": args.tile}
 
 
+def scores_file(run_dir: Path, args: argparse.Namespace) -> Path:
+    """Where the variant's scores for these settings are kept."""
+    return run_dir / f"scores{subset_key(args)}.json"
+
+
 def cached_scores(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
     """The variant's scores for these settings, if they were computed before."""
-    path = run_dir / f"scores{subset_key(args)}.json"
+    path = scores_file(run_dir, args)
     if not path.is_file():
         return None
     cached = json.loads(path.read_text())
@@ -195,8 +200,7 @@ def score_variant(name: str, run_dir: Path, args: argparse.Namespace) -> dict[st
         "train_it_per_s": speed(run_dir),
         "sets": sets,
     }
-    path = run_dir / f"scores{subset_key(args)}.json"
-    atomic_write(path, (json.dumps(scores, indent=2) + "\n").encode("utf-8"))
+    atomic_write(scores_file(run_dir, args), (json.dumps(scores, indent=2) + "\n").encode("utf-8"))
     return scores
 
 

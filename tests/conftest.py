@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -24,6 +28,17 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path} (the shared research material, not part of the repo)")
     return path
+
+
+def load_script(name: str) -> Iterator[ModuleType]:
+    """Import ``scripts/<name>.py`` as a module (scripts are not a package), for a fixture to
+    yield; it is removed from ``sys.modules`` afterwards."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
 
 
 @pytest.fixture

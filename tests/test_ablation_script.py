@@ -4,27 +4,19 @@ of the whole sets and of subsets are kept apart."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from nlsr.models import create
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ablation.py"
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from load_script("ablation")
 
 
 def test_variants_differ_only_in_attention(ablation, tmp_path):

@@ -3,25 +3,16 @@ shipped file is the one that was measured."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "model_card.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def model_card():
-    spec = importlib.util.spec_from_file_location("model_card_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from load_script("model_card")
 
 
 def test_reuse_skips_retrained_scales(model_card, tmp_path, capsys):

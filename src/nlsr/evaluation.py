@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nlsr.data import DatasetError, benchmark_images, official_lr_path
-from nlsr.inference import forward, select_device, to_array, to_tensor
+from nlsr.inference import DEFAULT_SEED, check_seed, forward, select_device, to_array, to_tensor
 from nlsr.io import read_image, write_image
 from nlsr.metrics import psnr, ssim
 from nlsr.resize import DEGRADATIONS, degrade, modcrop
@@ -146,6 +146,7 @@ def evaluate(
     save_images: str | Path | None = None,
     max_images: int | None = None,
     progress: bool = False,
+    seed: int | None = DEFAULT_SEED,
 ) -> EvalResult:
     """Score ``model`` (an nn.Module, moved to ``device``, or ``"bicubic"``) on a benchmark set.
 
@@ -155,6 +156,8 @@ def evaluate(
     scored on Y with ``scale`` px cropped. ``save_images`` writes the SR images as PNG under
     ``<save_images>/<dataset>/x<scale>[_<deg>]/<name>.png``. ``max_images`` scores only the
     first N images of the sorted set (a quick check during training; not a published figure).
+    ``seed`` seeds the network's random draws per image (:func:`nlsr.inference.forward`), so the
+    scores are the same on every run and in any image order; None draws afresh every call.
     """
     if int(scale) != scale or scale < 1:
         raise ValueError(f"scale must be a positive integer, got {scale}")
@@ -164,6 +167,7 @@ def evaluate(
         raise ValueError(f"degradation {degradation!r}: choose one of {', '.join(DEGRADATIONS)}")
     if official_lr and deg != "BI":
         raise ValueError(f"official_lr: the official LR files are BI, not {deg}")
+    check_seed(seed)
     net, name = _model_for(model, scale)
     files = benchmark_images(dataset, data_root)
     if max_images is not None:
@@ -177,7 +181,14 @@ def evaluate(
     for index, path in enumerate(tqdm(files, desc=f"{dataset} x{scale}", disable=not progress)):
         hr = modcrop(read_image(path).pixels, scale)
         lr = _lr_image(hr, path, index, scale, deg, noise_sigma, official_lr)
-        out = forward(net, to_tensor(lr).to(dev), tile=tile, chop=chop, self_ensemble=self_ensemble)
+        out = forward(
+            net,
+            to_tensor(lr).to(dev),
+            tile=tile,
+            chop=chop,
+            self_ensemble=self_ensemble,
+            seed=seed,
+        )
         sr = to_array(out, hr.dtype)
         if sr.shape != hr.shape:
             raise ValueError(
@@ -200,5 +211,6 @@ def evaluate(
             "chop": chop,
             "self_ensemble": self_ensemble,
             "tile": tile,
+            "seed": seed,
         },
     )

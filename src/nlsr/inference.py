@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from itertools import product
+from contextlib import contextmanager
+from itertools import count, product
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,7 +23,15 @@ from nlsr.io import Image
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
 
-__all__ = ["forward", "select_device", "to_array", "to_tensor", "upscale"]
+__all__ = [
+    "DEFAULT_SEED",
+    "check_seed",
+    "forward",
+    "select_device",
+    "to_array",
+    "to_tensor",
+    "upscale",
+]
 
 #: LR pixels run in one batch of tiles (tiles bigger than this run one at a time).
 TILE_BATCH_PIXELS = 256 * 256
@@ -30,6 +39,10 @@ TILE_BATCH_PIXELS = 256 * 256
 DEFAULT_CHOP_MIN_SIZE = 160_000
 #: Values of ``precision``: float32 throughout, or bfloat16 autocast (see :func:`forward`).
 PRECISIONS = ("fp32", "bf16")
+
+#: Seed of the random draws inside a network (hash projections, k-means initialisation) when
+#: none is given: the same input, model and options give the same output on every run.
+DEFAULT_SEED = 0
 
 _INT_MAX = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
 
@@ -107,9 +120,17 @@ def forward(
     self_ensemble: bool = False,
     progress: bool = False,
     precision: str = "fp32",
+    seed: int | None = DEFAULT_SEED,
 ) -> torch.Tensor:
     """Super-resolve ``lr`` (N, C, H, W) in [0, 1] -> float32 (N, C, sH, sW), not clamped, on
     ``lr``'s device (the model runs on its own device, in eval mode, under inference_mode).
+
+    ``seed`` makes the network's random draws (the hash projections of NLSA and GLA, LCoA's
+    k-means initialisation) reproducible: every model call (whole image, chop quadrant, batch of
+    tiles, self-ensemble variant) first reseeds one CPU generator from ``(seed, call number)``,
+    so a given input and options give the same output on every run and device, whatever else
+    ran before. ``seed=None`` leaves the blocks' own ``generator`` (by default torch's global
+    RNG): a fresh draw each call, as the authors' code does.
 
     ``precision="bf16"`` runs the model under bfloat16 autocast (convolutions in bfloat16, the
     attention kernels kept in float32); meant for CUDA, where it is faster. Outputs then differ
@@ -139,13 +160,19 @@ def forward(
     min_size = chop_min_size
     if min_size is None:
         min_size = getattr(model, "chop_min_size", DEFAULT_CHOP_MIN_SIZE)
-    run = _runner(model, scale, precision == "bf16")
+    check_seed(seed)
+    plain = _runner(model, scale, precision == "bf16")
     variants = range(8) if self_ensemble else range(1)
     h, w = lr.shape[-2:]
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _seeded_draws(model, seed) as reseed:
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                reseed()
+                return plain(x)
+
             if tile is not None:
                 rows, cols = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
                 with _bar(len(rows) * len(cols), progress, "tiles") as bar:
@@ -169,6 +196,40 @@ def forward(
                 return total.div_(len(variants)) if self_ensemble else total
     finally:
         model.train(was_training)
+
+
+def check_seed(seed: int | None) -> None:
+    """Raise ValueError unless ``seed`` is None or an integer in [0, 2**63)."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63) or None (random), got {seed!r}")
+
+
+@contextmanager
+def _seeded_draws(model: nn.Module, seed: int | None) -> Iterator[Callable[[], None]]:
+    """While active, every block of ``model`` that draws random numbers (those with a
+    ``generator`` attribute) draws from one CPU generator; the yielded ``reseed()`` seeds it
+    from ``(seed, n)`` for the n-th call. With ``seed=None`` nothing changes."""
+    blocks = [m for m in model.modules() if hasattr(m, "generator")]
+    if seed is None or not blocks:
+        yield lambda: None
+        return
+    generator = torch.Generator()  # on the CPU: the same projections on every device
+    calls = count()
+    saved = [m.generator for m in blocks]
+
+    def reseed() -> None:
+        state = np.random.SeedSequence([int(seed), next(calls)]).generate_state(1, np.uint64)
+        generator.manual_seed(int(state[0]))
+
+    for m in blocks:
+        m.generator = generator
+    try:
+        yield reseed
+    finally:
+        for m, g in zip(blocks, saved, strict=True):
+            m.generator = g
 
 
 def _runner(
@@ -380,6 +441,7 @@ def upscale(
     progress: bool = False,
     scale: int | None = None,
     precision: str = "fp32",
+    seed: int | None = DEFAULT_SEED,
 ) -> np.ndarray | Image:
     """Super-resolve an image array (HxW, HxWx1 grey; HxWx2 grey+alpha; HxWx3; HxWx4 RGBA;
     uint8 or uint16) or an :class:`~nlsr.io.Image`; returns the same kind, layout and dtype.
@@ -388,7 +450,8 @@ def upscale(
     upscaled with MATLAB bicubic (:func:`nlsr.resize.imresize`). ``model`` may be a registered
     name (built with ``nlsr.models.create(name, scale or 2)``; sensible for "bicubic"). With
     ``device`` the model is moved there (``nn.Module.to``, in place); otherwise it runs where it
-    is (a model built from a name goes to :func:`select_device`)."""
+    is (a model built from a name goes to :func:`select_device`). ``seed``: see :func:`forward`
+    (the default gives the same output on every run; None draws afresh)."""
     if isinstance(model, str):
         from nlsr.models import create
 
@@ -412,6 +475,7 @@ def upscale(
         self_ensemble=self_ensemble,
         progress=progress,
         precision=precision,
+        seed=seed,
     )
     dtype = pixels.dtype
     if gray:

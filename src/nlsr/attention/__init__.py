@@ -38,13 +38,17 @@ def in_float32(fn: _F) -> _F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        values = (*args, *kwargs.values())
+        nested = [t for a in values if isinstance(a, tuple) and hasattr(a, "_fields") for t in a]
+        tensors = [a for a in (*values, *nested) if isinstance(a, Tensor)]
         device = tensors[0].device.type if tensors else "cpu"
         low = any(t.dtype in _LOW for t in tensors)
         if not low and not torch.is_autocast_enabled(device):
             return fn(*args, **kwargs)
 
         def cast(a: Any) -> Any:
+            if isinstance(a, tuple) and hasattr(a, "_fields"):  # a NamedTuple of tensors
+                return type(a)(*map(cast, a))
             return a.float() if isinstance(a, Tensor) and a.dtype in _LOW else a
 
         with torch.autocast(device, enabled=False):

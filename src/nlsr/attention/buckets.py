@@ -410,18 +410,21 @@ class KeyBiasMLP(NamedTuple):
     @torch.no_grad()
     def sliced(self) -> Tensor:
         """The whole bias ``[N, L, chunk]`` without autograd, evaluated on slices of positions
-        so that the row-major copy of the features never covers the whole map."""
+        so that the row-major copy of the features never covers the whole map; in the weights'
+        dtype, also under autocast (the bias is added to float32 scores)."""
         n, length, _ = self.features.shape
-        out = self.features.new_empty(n, length, self.weight2.shape[0])
-        for b in range(n):
-            for start in range(0, length, MLP_SLICE):
-                stop = min(length, start + MLP_SLICE)
-                self.on_rows(self.features[b, start:stop], out=out[b, start:stop])
+        out = self.features.new_empty(n, length, self.weight2.shape[0], dtype=self.weight2.dtype)
+        with torch.autocast(self.features.device.type, enabled=False):
+            for b in range(n):
+                for start in range(0, length, MLP_SLICE):
+                    stop = min(length, start + MLP_SLICE)
+                    self.on_rows(self.features[b, start:stop], out=out[b, start:stop])
         return out
 
     def on_rows(self, rows: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Hidden layer and bias ``([M, hidden], [M, chunk])`` of feature ``rows`` ``[M, C]``
-        (no autograd; the bias is written into ``out`` when given)."""
+        in the weights' dtype (no autograd; the bias is written into ``out`` when given)."""
+        rows = rows.to(self.weight1.dtype)
         hidden = torch.addmm(self.bias1, rows, self.weight1.t()).relu_()
         return hidden, torch.addmm(self.bias2, hidden, self.weight2.t(), out=out)
 

@@ -568,6 +568,9 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             worker_init_fn=_ignore_sigint if d.workers else None,
             prefetch_factor=4 if d.workers else None,
+            # Its own generator: iterating a DataLoader draws a base seed, which would otherwise
+            # come from the global RNG that the hashing blocks draw from (and break exact resume).
+            generator=torch.Generator().manual_seed(t.seed),
         )
         self.bar = tqdm(
             total=t.iterations,

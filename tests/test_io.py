@@ -1,4 +1,4 @@
-"""nlsr.io: every format and mode, the 16-bit PNG/TIFF codecs, EXIF orientation, bad files and
+"""nlsr.io: every format and mode, the 16-bit PNG/TIFF paths, EXIF orientation, bad files and
 atomic writes. References: Pillow's own decoders, a naive PNG encoder written here from the
 PNG specification, and closed-form expectations."""
 
@@ -10,6 +10,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pytest
 from PIL import Image as PILImage
@@ -172,20 +173,34 @@ def test_pillow_written_16bit_grey_png_is_read_exactly(tmp_path: Path) -> None:
     assert np.array_equal(im.pixels[:, :, 0], g)
 
 
-@pytest.mark.parametrize("mode,channels", [("L", 1), ("LA", 2), ("RGB", 3), ("RGBA", 4)])
-def test_png_decoder_matches_pillow_on_adaptively_filtered_8bit_files(
-    mode: str, channels: int
+@pytest.mark.parametrize(
+    "dtype,channels",
+    [(np.uint8, c) for c in (1, 2, 3, 4)] + [(np.uint16, c) for c in (2, 3, 4)],
+)
+def test_adaptively_filtered_png_files_are_read_exactly(
+    tmp_path: Path, dtype: type, channels: int
 ) -> None:
-    a = smooth(45, 52, channels)
-    buf = io.BytesIO()
-    PILImage.fromarray(a[:, :, 0] if channels == 1 else a, mode).save(buf, "PNG")
-    data = buf.getvalue()
+    """8-bit files from Pillow's encoder, 16-bit ones from libpng's with every filter allowed:
+    both choose filters per row, Paeth among them."""
+    a = smooth(45, 52, channels, dtype)
+    if dtype == np.uint8:
+        mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
+        buf = io.BytesIO()
+        PILImage.fromarray(a[:, :, 0] if channels == 1 else a, mode).save(buf, "PNG")
+        data = buf.getvalue()
+    else:
+        data = imagecodecs.png_encode(a, filter=imagecodecs.PNG.FILTER.ALL)
+    row = 1 + 52 * channels * a.itemsize
     filters = np.frombuffer(
         zlib.decompress(b"".join(b for t, b, _ in chunks(data) if t == b"IDAT")), np.uint8
-    ).reshape(45, -1)[:, 0]
+    ).reshape(45, row)[:, 0]
     assert len(set(filters.tolist())) >= 2  # the file really mixes filter types
-    decoded, _ = nio._decode_png(data, nio._png_header(data))
-    assert np.array_equal(decoded, a)
+    (tmp_path / "a.png").write_bytes(data)
+    im = read_image(tmp_path / "a.png")
+    colour = a[:, :, :3] if channels >= 3 else np.repeat(a[:, :, :1], 3, axis=2)
+    assert im.pixels.dtype == dtype and np.array_equal(im.pixels, colour)
+    if channels in (2, 4):
+        assert np.array_equal(im.alpha, a[:, :, -1])
 
 
 @pytest.mark.parametrize("interlace", [False, True])
@@ -334,7 +349,7 @@ def test_unreadable_inputs_raise_read_errors_naming_the_file(tmp_path: Path) -> 
     (tmp_path / "trunc.png").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
     (tmp_path / "text.png").write_text("not an image at all\n")
     (tmp_path / "empty.png").write_bytes(b"")
-    deep = nio._encode_png(smooth(20, 20, 3, np.uint16))
+    deep = write_image(tmp_path / "deep.png", smooth(20, 20, 3, np.uint16)).read_bytes()
     (tmp_path / "trunc16.png").write_bytes(deep[: len(deep) - 40])
     bad_crc = bytearray(deep)
     bad_crc[40] ^= 0xFF  # inside IDAT
@@ -361,7 +376,7 @@ def test_pixel_limit_is_checked_on_the_header_before_decoding(
     def no_decoding(*args: object, **kw: object) -> None:
         raise AssertionError("pixel data decoded before the size check")
 
-    monkeypatch.setattr(nio, "_decode_png", no_decoding)
+    monkeypatch.setattr(imagecodecs, "png_decode", no_decoding)
     monkeypatch.setattr(PILImage.Image, "load", no_decoding)
     monkeypatch.setattr(PILImage.Image, "convert", no_decoding)
     expect_read_error(tmp_path / "bomb.png", "100000x100000 = 10000000000 pixels, above the limit")
@@ -374,11 +389,14 @@ def test_pixel_limit_argument_and_environment(
     expect_read_error(path, "above the limit of 119", max_pixels=119)
     assert read_image(path, max_pixels=120).width == 12
     assert read_image(path, max_pixels=None).height == 10
-    monkeypatch.setenv("NLSR_MAX_PIXELS", "5000")
-    assert nio._default_max_pixels() == 5000
+    monkeypatch.setenv("NLSR_MAX_PIXELS", "119")  # read at every call
+    expect_read_error(path, "above the limit of 119")
+    assert nio.default_max_pixels() == 119
     monkeypatch.setenv("NLSR_MAX_PIXELS", "lots")
     with pytest.raises(ValueError, match="NLSR_MAX_PIXELS"):
-        nio._default_max_pixels()
+        read_image(path)
+    monkeypatch.delenv("NLSR_MAX_PIXELS")
+    assert nio.default_max_pixels() == nio.DEFAULT_MAX_PIXELS == 100_000_000
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,16 +1,34 @@
 """Read and write images of every common kind, with clear errors and atomic writes.
 
-Pillow decodes and encodes the 8-bit cases. Pillow has no 16-bit colour modes (it keeps only
-the high byte of 16-bit RGB PNGs), so 16-bit PNG and 16-bit multi-channel TIFF are read and
-written by the small NumPy + zlib codecs in this module.
+Codecs, all maintained C libraries (no pixel is decoded in Python):
 
-Colour management is not applied: ICC profiles and gamma chunks are ignored and the stored
-sample values are returned as they are. EXIF orientation is applied on reading.
+- 16-bit colour PNG (grey+alpha, RGB, RGBA) is read and written by ``imagecodecs`` (libpng).
+- TIFF of grey or RGB(A) samples of 8 or 16 bits, uncompressed or LZW, PackBits, Deflate, zstd
+  or LZMA, in strips or tiles, contiguous or planar, is read by ``tifffile`` with the codecs of
+  ``imagecodecs`` (the first page of a multi-page file). Every TIFF is written by ``tifffile``:
+  Deflate with the horizontal predictor.
+- Everything else, including 8-bit PNG, 16-bit grey PNG and the other TIFFs (palette, CMYK,
+  YCbCr, JPEG-compressed...), goes through Pillow, which has no 16-bit colour modes (it keeps
+  only the high byte of 16-bit RGB PNGs).
+
+Why imagecodecs + tifffile rather than OpenCV (the other maintained option): they return the
+stored samples exactly (OpenCV returns BGR and turns grey+alpha into four channels), raise
+exceptions that say what is wrong (``cv2.imdecode`` returns None), expose every TIFF tag (size,
+layout, ICC profile, EXIF) before any pixel is decoded, and install at half the size. Both use
+libpng, which refuses PNGs wider or taller than 1,000,000 pixels: 16-bit grey PNGs of that
+shape are read by Pillow, 16-bit colour ones are refused with that reason.
+
+Colour management is not applied: the stored sample values are returned as they are. The ICC
+profile and the EXIF block are returned with the pixels (:attr:`Image.icc_profile`,
+:attr:`Image.exif`) and written back by :func:`write_image` where the format holds them (PNG,
+JPEG, TIFF, WebP). EXIF orientation is applied on reading, and the carried EXIF then says
+"upright".
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import threading
@@ -19,10 +37,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import imagecodecs
 import numpy as np
+import tifffile
 from PIL import Image as PILImage
-from PIL import UnidentifiedImageError, features
+from PIL import TiffImagePlugin, UnidentifiedImageError
 
 from nlsr.atomic import atomic_write
 
@@ -32,6 +53,7 @@ __all__ = [
     "Image",
     "ImageReadError",
     "ImageWriteError",
+    "default_max_pixels",
     "read_image",
     "write_image",
 ]
@@ -51,12 +73,21 @@ _FORMAT_BY_EXTENSION = {
 #: Pillow formats :func:`read_image` accepts ("JPEG" includes the MPO files cameras write).
 _PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 _EXIF_ORIENTATION = 0x0112
+_EXIF_PREFIX = b"Exif\0\0"
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
 
 
-def _default_max_pixels() -> int:
+#: Largest width * height :func:`read_image` decodes unless told otherwise (100 megapixels);
+#: guards against decompression bombs. ``$NLSR_MAX_PIXELS`` overrides it.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+def default_max_pixels() -> int:
+    """``$NLSR_MAX_PIXELS``, else :data:`DEFAULT_MAX_PIXELS`; read at every call (so a bad value
+    fails the read that uses it, never ``import nlsr``), ValueError naming it when invalid."""
     raw = os.environ.get("NLSR_MAX_PIXELS")
     if raw is None:
-        return 100_000_000
+        return DEFAULT_MAX_PIXELS
     try:
         value = int(raw)
     except ValueError:
@@ -64,11 +95,6 @@ def _default_max_pixels() -> int:
     if value <= 0:
         raise ValueError(f"NLSR_MAX_PIXELS={raw!r}: must be a positive whole number of pixels")
     return value
-
-
-#: Largest width * height :func:`read_image` decodes by default (100 megapixels; the
-#: environment variable ``NLSR_MAX_PIXELS`` overrides it). Guards against decompression bombs.
-DEFAULT_MAX_PIXELS: int = _default_max_pixels()
 
 
 class ImageReadError(ValueError):
@@ -86,12 +112,19 @@ class _Corrupt(ValueError):
 @dataclass(frozen=True)
 class Image:
     """Decoded image: ``pixels`` HxWx3 uint8/uint16 (grey replicated to 3 channels), optional
-    ``alpha`` HxW of the same dtype, ``grayscale`` when the source had one colour channel."""
+    ``alpha`` HxW of the same dtype, ``grayscale`` when the source had one colour channel.
+
+    ``icc_profile`` is the source's embedded ICC profile (kept only when its colour space is
+    the image's: RGB, or grey for ``grayscale``); ``exif`` its EXIF block as TIFF-structured
+    bytes (no ``Exif\\0\\0`` prefix) with the orientation reset to upright, since ``pixels`` are
+    already turned. :func:`write_image` writes both where the format allows."""
 
     pixels: np.ndarray
     alpha: np.ndarray | None = None
     grayscale: bool = False
     path: Path | None = None
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
 
     def __post_init__(self) -> None:
         p = self.pixels
@@ -109,6 +142,10 @@ class Image:
                 f"Image.alpha must be an {p.shape[0]}x{p.shape[1]} {p.dtype} array, "
                 f"got {_describe(a)}"
             )
+        for name in ("icc_profile", "exif"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bytes):
+                raise ValueError(f"Image.{name} must be bytes or None, got {_describe(value)}")
 
     @property
     def height(self) -> int:
@@ -130,13 +167,39 @@ def _describe(a: object) -> str:
 # ----------------------------------------------------------------------------------------------
 # reading
 
+#: What the codecs raise on a bad file: imagecodecs' errors are RuntimeErrors, tifffile's and
+#: Pillow's ValueErrors, OSErrors or SyntaxErrors.
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    struct.error,
+    zlib.error,
+)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    array: np.ndarray  # HxWxC, C in 1..4, uint8/uint16
+    orientation: int = 1
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
+
 
 def read_image(
-    path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike[str], *, max_pixels: int | Literal["default"] | None = "default"
 ) -> Image:
     """Read an image file (PNG, JPEG, BMP, TIFF, WebP) as an :class:`Image`, EXIF orientation
-    applied; 16-bit files give uint16 pixels. The header's size is checked against
-    ``max_pixels`` (None: no limit) before anything is decoded."""
+    applied, ICC profile and EXIF kept; 16-bit files give uint16 pixels. The header's size is
+    checked against ``max_pixels`` (None: no limit; "default": :func:`default_max_pixels`)
+    before anything is decoded."""
+    if max_pixels == "default":
+        max_pixels = default_max_pixels()
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -149,7 +212,7 @@ def read_image(
     if not data:
         raise ImageReadError(f"{p}: empty file (0 bytes)")
     try:
-        channels, orientation = _decode(data, max_pixels)
+        decoded = _decode(data, max_pixels)
     except _Corrupt as e:
         raise ImageReadError(f"{p}: {e}") from None
     except UnidentifiedImageError:
@@ -158,33 +221,26 @@ def read_image(
         ) from None
     except MemoryError:
         raise ImageReadError(f"{p}: not enough memory to decode it") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error) as e:
+    except _DECODE_ERRORS as e:
         raise ImageReadError(f"{p}: corrupt or truncated image ({e})") from None
-    channels = _orient(channels, orientation)
-    return _to_image(channels, p)
+    a = _orient(decoded.array, decoded.orientation)
+    c = a.shape[2]
+    colour = a[:, :, :3] if c >= 3 else np.repeat(a[:, :, :1], 3, axis=2)
+    alpha = a[:, :, c - 1].copy() if c in (2, 4) else None
+    icc = decoded.icc_profile if _icc_fits(decoded.icc_profile, c) else None
+    exif = _upright_exif(decoded.exif) if decoded.exif else None
+    return Image(np.ascontiguousarray(colour), alpha, c <= 2, p, icc, exif)
 
 
-def _decode(data: bytes, max_pixels: int | None) -> tuple[np.ndarray, int]:
-    """File bytes -> (HxWxC array with C in 1..4, EXIF orientation)."""
+def _decode(data: bytes, max_pixels: int | None) -> _Decoded:
     if data.startswith(_PNG_SIGNATURE):
         header = _png_header(data)
-        if header.depth == 16:
-            _check_size(header.width, header.height, max_pixels)
-            return _decode_png(data, header)
-    elif data[:4] in (b"II*\0", b"MM\0*"):
-        ifd = _tiff_ifd(data)
-        if _tiff_is_deep_colour(ifd):
-            _check_size(_tiff_int(ifd, 256), _tiff_int(ifd, 257), max_pixels)
-            return _decode_tiff(data, ifd), _tiff_int(ifd, 274, 1)
-    with _pillow_unlimited():
-        im = PILImage.open(io.BytesIO(data), formats=_PILLOW_FORMATS)
-    with im:
-        _check_size(im.width, im.height, max_pixels)
-        try:
-            orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
-        except (OSError, SyntaxError, ValueError, TypeError, struct.error):
-            orientation = 1
-        return _pillow_array(im), orientation
+        _check_size(header.width, header.height, max_pixels)
+        if header.depth == 16 and header.colour_type in (2, 4, 6):
+            return _decode_png_colour16(data, header)
+    elif data[:4] in _TIFF_MAGIC:
+        return _decode_tiff(data, max_pixels)
+    return _decode_pillow(data, max_pixels)
 
 
 def _check_size(width: int, height: int, max_pixels: int | None) -> None:
@@ -214,6 +270,21 @@ def _pillow_unlimited() -> Iterator[None]:
             PILImage.MAX_IMAGE_PIXELS = saved
 
 
+def _decode_pillow(data: bytes, max_pixels: int | None) -> _Decoded:
+    with _pillow_unlimited():
+        im = PILImage.open(io.BytesIO(data), formats=_PILLOW_FORMATS)
+    with im:
+        _check_size(im.width, im.height, max_pixels)
+        try:
+            orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+        except (OSError, SyntaxError, ValueError, TypeError, struct.error):
+            orientation = 1
+        array = _pillow_array(im)
+        icc = im.info.get("icc_profile")
+        exif = _tiff_exif(data) if im.format == "TIFF" else im.info.get("exif")
+    return _Decoded(array, orientation, icc or None, exif if isinstance(exif, bytes) else None)
+
+
 def _pillow_array(im: PILImage.Image) -> np.ndarray:
     """Pillow image of any mode -> HxWxC uint8/uint16 array (C: 1 grey, 2 grey+alpha, 3, 4)."""
     mode = im.mode
@@ -235,6 +306,10 @@ def _pillow_array(im: PILImage.Image) -> np.ndarray:
         im = im.convert(mode)
     if mode.startswith("I;16"):
         arr = np.asarray(im).astype(np.uint16)
+        key = im.info.get("transparency")
+        if isinstance(key, int):  # 16-bit grey PNG with a tRNS colour key
+            alpha = np.where(arr == key, 0, 65535).astype(np.uint16)
+            arr = np.stack([arr, alpha], axis=2)
     elif mode == "I":
         arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
     elif mode in ("L", "LA", "RGB", "RGBA"):
@@ -263,32 +338,82 @@ def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _to_image(a: np.ndarray, path: Path | None) -> Image:
-    c = a.shape[2]
-    colour = a[:, :, :3] if c >= 3 else np.repeat(a[:, :, :1], 3, axis=2)
-    alpha = a[:, :, c - 1].copy() if c in (2, 4) else None
-    return Image(np.ascontiguousarray(colour), alpha, grayscale=c <= 2, path=path)
+# ----------------------------------------------------------------------------------------------
+# metadata: ICC profiles and EXIF blocks
+
+#: Largest ICC profile taken from a compressed PNG iCCP chunk (real profiles are < 1 MiB).
+_MAX_ICC_BYTES = 16 << 20
+#: Text tags of the first EXIF directory that describe the picture (description, make, model,
+#: software, date, artist, copyright; the others there describe the file's layout). TIFF output
+#: carries them in its own first directory.
+_EXIF_TEXT_TAGS = (270, 271, 272, 305, 306, 315, 33432)
+_EXIF_SUB_IFDS = (0x8769, 0x8825)  # the Exif and GPS directories
+
+
+def _icc_fits(profile: bytes | None, channels: int) -> bool:
+    """Whether an ICC profile describes samples of this many channels: its colour space
+    (bytes 16..20 of the header) must be 'GRAY' for grey(+alpha), 'RGB ' for RGB(A)."""
+    if not profile or len(profile) < 128:
+        return False
+    return profile[16:20] == (b"GRAY" if channels <= 2 else b"RGB ")
+
+
+def _exif_orientation(exif: bytes) -> int:
+    parsed = PILImage.Exif()
+    parsed.load(exif)
+    return int(parsed.get(_EXIF_ORIENTATION, 1))
+
+
+def _upright_exif(exif: bytes) -> bytes | None:
+    """An EXIF block (with or without the ``Exif\\0\\0`` prefix) -> TIFF-structured bytes whose
+    orientation tag, if any, says 1 (upright); None when the block is not readable."""
+    if exif.startswith(_EXIF_PREFIX):
+        exif = exif[len(_EXIF_PREFIX) :]
+    if exif[:4] not in (b"II*\0", b"MM\0*"):
+        return None
+    order = "<" if exif[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack_from(order + "I", exif, 4)
+        (count,) = struct.unpack_from(order + "H", exif, ifd)
+        out = bytearray(exif)
+        for i in range(count):
+            pos = ifd + 2 + 12 * i
+            tag, typ, n = struct.unpack_from(order + "HHI", exif, pos)
+            if tag == _EXIF_ORIENTATION and typ in (3, 4) and n == 1:  # SHORT or LONG
+                struct.pack_into(order + ("H" if typ == 3 else "I"), out, pos + 8, 1)
+    except struct.error:
+        return None
+    return bytes(out)
+
+
+def _tiff_exif(data: bytes) -> bytes | None:
+    """The EXIF of a TIFF file as a stand-alone EXIF block: the descriptive tags of its first
+    directory and its Exif and GPS directories (orientation left out: it is applied)."""
+    with suppress(Exception):  # a broken EXIF directory must not make the pixels unreadable
+        source = PILImage.Exif()
+        source.load_from_fp(io.BytesIO(data))
+        exif = PILImage.Exif()
+        for tag in _EXIF_TEXT_TAGS:
+            if isinstance(source.get(tag), str):
+                exif[tag] = source[tag]
+        for tag in _EXIF_SUB_IFDS:
+            if tag in source and (sub := source.get_ifd(tag)):
+                exif[tag] = sub
+        if len(exif):
+            return exif.tobytes()[len(_EXIF_PREFIX) :]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
-# PNG (used for 16-bit files; handles bit depths 8 and 16, colour types 0, 2, 4, 6)
+# PNG: 16-bit colour files are decoded by libpng (imagecodecs); the chunks are walked here only
+# to check the CRCs and find the metadata.
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: zlib level of PNG and TIFF output: level 6 (zlib's default) is up to 4x slower on noisy
 #: super-resolved images for files only about 10% smaller.
 ZLIB_LEVEL = 3
-_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
-_PNG_COLOUR_TYPE = {c: t for t, c in _PNG_CHANNELS.items()}
-#: Adam7 passes: (x0, y0, dx, dy)
-_ADAM7 = (
-    (0, 0, 8, 8),
-    (4, 0, 8, 8),
-    (0, 4, 4, 8),
-    (2, 0, 4, 4),
-    (0, 2, 2, 4),
-    (1, 0, 2, 2),
-    (0, 1, 1, 2),
-)
+#: libpng refuses PNGs with more columns or rows than this (its default user limit).
+_LIBPNG_MAX_SIDE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -297,14 +422,13 @@ class _PngHeader:
     height: int
     depth: int
     colour_type: int
-    interlace: int
 
 
 def _png_header(data: bytes) -> _PngHeader:
     if len(data) < 33 or data[12:16] != b"IHDR":
         raise _Corrupt("corrupt PNG: missing IHDR header")
-    width, height, depth, ctype, _comp, _filter, interlace = struct.unpack(">IIBBBBB", data[16:29])
-    return _PngHeader(width, height, depth, ctype, interlace)
+    width, height, depth, ctype = struct.unpack(">IIBB", data[16:26])
+    return _PngHeader(width, height, depth, ctype)
 
 
 def _png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
@@ -327,325 +451,220 @@ def _png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         pos = end
 
 
-def _decode_png(data: bytes, header: _PngHeader) -> tuple[np.ndarray, int]:
-    """Decode a non-palette 8/16-bit PNG -> (HxWxC uint8/uint16, EXIF orientation)."""
-    h = header
-    if h.colour_type not in _PNG_CHANNELS or h.depth not in (8, 16) or h.interlace not in (0, 1):
+def _decode_png_colour16(data: bytes, header: _PngHeader) -> _Decoded:
+    """16-bit grey+alpha, RGB or RGBA PNG (any filters, Adam7 or not) -> HxWxC uint16; a tRNS
+    colour key becomes an alpha channel (0 where the key matches, 65535 elsewhere)."""
+    if max(header.width, header.height) > _LIBPNG_MAX_SIDE:
         raise _Corrupt(
-            f"unsupported PNG (colour type {h.colour_type}, bit depth {h.depth}, "
-            f"interlace {h.interlace})"
+            f"16-bit colour PNG of {header.width}x{header.height} pixels: libpng reads at most "
+            f"{_LIBPNG_MAX_SIDE} columns and rows; save it as TIFF"
         )
-    channels = _PNG_CHANNELS[h.colour_type]
-    idat: list[bytes] = []
-    trns = exif = None
+    icc = exif = None
+    # libpng gets the chunks that define the pixels only, so that it has nothing to warn about
+    # on stderr in the others (it still warns once about an Adam7-interlaced file).
+    pixels = [_PNG_SIGNATURE]
     for ctype, body in _png_chunks(data):
-        if ctype == b"IDAT":
-            idat.append(body)
-        elif ctype == b"tRNS":
-            trns = body
+        if ctype in (b"IHDR", b"tRNS", b"IDAT", b"IEND"):
+            pixels.append(_png_chunk(ctype, body))
+        elif ctype == b"iCCP":
+            icc = _png_iccp(body)
         elif ctype == b"eXIf":
             exif = body
-    bpp = channels * h.depth // 8
-    if h.interlace:
-        passes = [
-            (x0, y0, dx, dy, -(-(h.width - x0) // dx), -(-(h.height - y0) // dy))
-            for x0, y0, dx, dy in _ADAM7
-        ]
-        passes = [p for p in passes if p[4] > 0 and p[5] > 0]
-    else:
-        passes = [(0, 0, 1, 1, h.width, h.height)]
-    expected = sum(ph * (1 + pw * bpp) for *_, pw, ph in passes)
-    try:
-        raw = zlib.decompressobj().decompress(b"".join(idat), expected)
-    except zlib.error as e:
-        raise _Corrupt(f"corrupt PNG image data ({e})") from None
-    if len(raw) < expected:
-        raise _Corrupt("truncated PNG image data")
-    buf = np.frombuffer(raw, np.uint8)
-    out = np.empty((h.height, h.width * bpp), np.uint8)
-    pos = 0
-    for x0, y0, dx, dy, pw, ph in passes:
-        n = ph * (1 + pw * bpp)
-        rows = _png_unfilter(buf[pos : pos + n].reshape(ph, 1 + pw * bpp), bpp)
-        pos += n
-        out.reshape(h.height, h.width, bpp)[y0::dy, x0::dx] = rows.reshape(ph, pw, bpp)
-    if h.depth == 16:
-        arr = out.view(">u2").astype(np.uint16).reshape(h.height, h.width, channels)
-    else:
-        arr = out.reshape(h.height, h.width, channels)
-    if trns is not None and channels in (1, 3):
-        key = np.frombuffer(trns[: 2 * channels], ">u2").astype(np.int64)
-        if key.size == channels:
-            top = (1 << h.depth) - 1
-            opaque = (arr != (key & top)).any(axis=2)
-            arr = np.concatenate([arr, (opaque * top).astype(arr.dtype)[:, :, None]], axis=2)
+    arr = imagecodecs.png_decode(b"".join(pixels))
+    if arr.dtype != np.uint16 or arr.shape[:2] != (header.height, header.width):
+        raise _Corrupt(f"libpng returned a {arr.dtype} array of shape {arr.shape}")
     orientation = 1
     if exif is not None:
         with suppress(Exception):  # a broken EXIF block must not make the pixels unreadable
             orientation = _exif_orientation(exif)
-    return arr, orientation
+    return _Decoded(arr[:, :, None] if arr.ndim == 2 else arr, orientation, icc, exif)
 
 
-def _exif_orientation(exif: bytes) -> int:
-    parsed = PILImage.Exif()
-    parsed.load(exif)
-    return int(parsed.get(_EXIF_ORIENTATION, 1))
-
-
-def _png_unfilter(scan: np.ndarray, bpp: int) -> np.ndarray:
-    """Undo PNG row filtering: (rows, 1 + width*bpp) filtered bytes -> (rows, width*bpp)."""
-    height = scan.shape[0]
-    width = (scan.shape[1] - 1) // bpp
-    ftype = scan[:, 0]
-    if ftype.size and ftype.max() > 4:
-        raise _Corrupt(f"corrupt PNG (unknown row filter type {int(ftype.max())})")
-    raw = scan[:, 1:].reshape(height, width, bpp)
-    if not (ftype >= 3).any():
-        # None / Sub / Up only: each row is vectorised, rows in order
-        out = np.empty_like(raw)
-        prev = np.zeros((width, bpp), np.uint8)
-        for r in range(height):
-            f = ftype[r]
-            if f == 0:
-                out[r] = raw[r]
-            elif f == 1:
-                np.cumsum(raw[r], axis=0, dtype=np.uint8, out=out[r])
-            else:
-                np.add(raw[r], prev, out=out[r])
-            prev = out[r]
-        return out.reshape(height, width * bpp)
-    return _png_unfilter_wavefront(raw, ftype)
-
-
-def _png_unfilter_wavefront(raw: np.ndarray, ftype: np.ndarray) -> np.ndarray:
-    """Average/Paeth rows depend on the pixel to the left, so decode along anti-diagonals: every
-    pixel on diagonal r + c = k only needs diagonals k-1 and k-2. On a zero-padded grid of width
-    W+1 the pixels of one diagonal lie W apart in memory, so each diagonal is a strided slice."""
-    height, width, bpp = raw.shape
-    w1 = width + 1
-    out = np.zeros(((height + 1) * w1, bpp), np.int16)
-    src = np.zeros((height * w1, bpp), np.int16)
-    src.reshape(height, w1, bpp)[:, :width] = raw
-    fcol = ftype.astype(np.int16)[:, None]
-    for k in range(height + width - 1):
-        r0, r1 = max(0, k - width + 1), min(height - 1, k)
-        n = r1 - r0 + 1
-        t0 = r0 * width + k + width + 2  # flat index of pixel (r0, k - r0) in the padded output
-        stop = t0 + (n - 1) * width + 1
-        a = out[t0 - 1 : stop - 1 : width]
-        b = out[t0 - w1 : stop - w1 : width]
-        c = out[t0 - w1 - 1 : stop - w1 - 1 : width]
-        s0 = r0 * width + k
-        x = src[s0 : s0 + (n - 1) * width + 1 : width]
-        f = fcol[r0 : r1 + 1]
-        pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
-        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-        pred = np.select([f == 1, f == 2, f == 3, f == 4], [a, b, (a + b) >> 1, paeth], 0)
-        out[t0:stop:width] = (x + pred) & 255
-    return out.reshape(height + 1, w1, bpp)[1:, 1:].astype(np.uint8).reshape(height, width * bpp)
-
-
-def _png_filter(rows: np.ndarray, bpp: int) -> np.ndarray:
-    """Filter (rows, width*bpp) bytes -> (rows, 1 + width*bpp), choosing None, Sub or Up per row
-    by least sum of |signed byte| (libpng's heuristic); these three keep decoding vectorised.
-    When encoding a block after the first, pass the previous row first (used as the prior)."""
-    sub = rows.copy()
-    sub[:, bpp:] -= rows[:, :-bpp]  # uint8 arithmetic wraps modulo 256, as PNG filters do
-    up = rows.copy()
-    up[1:] -= rows[:-1]
-    candidates = np.stack([rows, sub, up])
-    score = np.minimum(candidates, np.negative(candidates)).sum(axis=2, dtype=np.uint32)
-    choice = score.argmin(axis=0)
-    out = np.empty((rows.shape[0], 1 + rows.shape[1]), np.uint8)
-    out[:, 0] = choice
-    out[:, 1:] = candidates[choice, np.arange(rows.shape[0])]
-    return out
-
-
-def _encode_png(a: np.ndarray) -> bytes:
-    """HxWxC uint8/uint16 (C: 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA) -> PNG file bytes."""
-    height, width, channels = a.shape
-    depth = 16 if a.dtype == np.uint16 else 8
-    bpp = channels * depth // 8
-    rows = (a.astype(">u2") if depth == 16 else a).reshape(height, width * channels)
-    rows = np.ascontiguousarray(rows).view(np.uint8).reshape(height, width * bpp)
-    packer = zlib.compressobj(ZLIB_LEVEL)
-    idat = []
-    block = max(1, (1 << 20) // max(1, width * bpp))
-    for r in range(0, height, block):
-        if r == 0:
-            filtered = _png_filter(rows[:block], bpp)
-        else:
-            filtered = _png_filter(rows[r - 1 : r + block], bpp)[1:]
-        idat.append(packer.compress(filtered.tobytes()))
-    idat.append(packer.flush())
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, _PNG_COLOUR_TYPE[channels], 0, 0, 0)
-    compressed = b"".join(idat)
-    pieces = [_PNG_SIGNATURE, _png_chunk(b"IHDR", ihdr)]
-    step = 1 << 24
-    pieces += [
-        _png_chunk(b"IDAT", compressed[i : i + step]) for i in range(0, len(compressed), step)
-    ]
-    if not compressed:
-        pieces.append(_png_chunk(b"IDAT", b""))
-    pieces.append(_png_chunk(b"IEND", b""))
-    return b"".join(pieces)
+def _png_iccp(body: bytes) -> bytes | None:
+    """iCCP chunk body (name, 0, method 0, zlib data) -> the profile, None if unreadable."""
+    name_end = body.find(b"\0")
+    if name_end < 1 or body[name_end + 1 : name_end + 2] != b"\0":
+        return None
+    try:
+        inflater = zlib.decompressobj()
+        profile = inflater.decompress(body[name_end + 2 :], _MAX_ICC_BYTES)
+    except zlib.error:
+        return None
+    return profile if inflater.eof else None
 
 
 def _png_chunk(ctype: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
 
 
-# ----------------------------------------------------------------------------------------------
-# TIFF (used for 16-bit files with more than one sample: grey+alpha, RGB, RGBA)
-
-_TIFF_TYPE_SIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
-_TIFF_INT_TYPE = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
-
-
-@dataclass(frozen=True)
-class _TiffIfd:
-    order: str  # "<" or ">"
-    tags: dict[int, tuple[int, ...]]
-
-
-def _tiff_ifd(data: bytes) -> _TiffIfd:
-    """The first IFD's integer tags."""
-    order = "<" if data[:2] == b"II" else ">"
-    if len(data) < 8:
-        raise _Corrupt("truncated TIFF header")
-    (offset,) = struct.unpack(order + "I", data[4:8])
-    if offset + 2 > len(data):
-        raise _Corrupt("truncated TIFF (directory missing)")
-    (count,) = struct.unpack(order + "H", data[offset : offset + 2])
-    tags: dict[int, tuple[int, ...]] = {}
-    for i in range(count):
-        pos = offset + 2 + 12 * i
-        if pos + 12 > len(data):
-            raise _Corrupt("truncated TIFF (directory cut short)")
-        tag, typ, n = struct.unpack(order + "HHI", data[pos : pos + 8])
-        if typ not in _TIFF_INT_TYPE:
-            continue
-        size = _TIFF_TYPE_SIZE[typ] * n
-        if size <= 4:
-            start = pos + 8
-        else:
-            (start,) = struct.unpack(order + "I", data[pos + 8 : pos + 12])
-        if start + size > len(data):
-            raise _Corrupt("truncated TIFF (tag values missing)")
-        tags[tag] = struct.unpack(f"{order}{n}{_TIFF_INT_TYPE[typ]}", data[start : start + size])
-    return _TiffIfd(order, tags)
-
-
-def _tiff_int(ifd: _TiffIfd, tag: int, default: int | None = None) -> int:
-    values = ifd.tags.get(tag)
-    if not values:
-        if default is None:
-            raise _Corrupt(f"corrupt TIFF (required tag {tag} missing)")
-        return default
-    return int(values[0])
-
-
-def _tiff_is_deep_colour(ifd: _TiffIfd) -> bool:
-    bits = ifd.tags.get(258, (1,))
-    return _tiff_int(ifd, 277, 1) > 1 and all(b == 16 for b in bits)
-
-
-def _decode_tiff(data: bytes, ifd: _TiffIfd) -> np.ndarray:
-    """Decode a 16-bit chunky TIFF (strips; no, deflate compression; predictor 1 or 2)."""
-    width, height = _tiff_int(ifd, 256), _tiff_int(ifd, 257)
-    spp = _tiff_int(ifd, 277)
-    compression = _tiff_int(ifd, 259, 1)
-    predictor = _tiff_int(ifd, 317, 1)
-    photometric = _tiff_int(ifd, 262, 2 if spp >= 3 else 1)
-    if spp > 4 or (spp == 2 and photometric != 1) or (spp >= 3 and photometric != 2):
-        raise _Corrupt(f"unsupported 16-bit TIFF ({spp} samples, photometric {photometric})")
-    if _tiff_int(ifd, 284, 1) != 1 or 322 in ifd.tags:
-        raise _Corrupt("unsupported 16-bit TIFF layout (planar or tiled); save it as PNG")
-    if compression not in (1, 8, 32946) or predictor not in (1, 2):
-        raise _Corrupt(
-            f"unsupported 16-bit colour TIFF compression {compression} / predictor {predictor} "
-            "(none and deflate are supported); save it as PNG"
-        )
-    offsets, counts = ifd.tags.get(273), ifd.tags.get(279)
-    if not offsets or not counts or len(offsets) != len(counts):
-        raise _Corrupt("corrupt TIFF (strip offsets missing)")
-    row_bytes = width * spp * 2
-    rows_per_strip = min(_tiff_int(ifd, 278, height), height)
-    parts = []
-    for i, (off, n) in enumerate(zip(offsets, counts, strict=True)):
-        if off + n > len(data):
-            raise _Corrupt("truncated TIFF (image data cut short)")
-        chunk = data[off : off + n]
-        want = min(rows_per_strip, height - i * rows_per_strip) * row_bytes
-        if compression != 1:
-            try:
-                chunk = zlib.decompressobj().decompress(chunk, want)
-            except zlib.error as e:
-                raise _Corrupt(f"corrupt TIFF image data ({e})") from None
-        parts.append(chunk[:want])
-    raw = b"".join(parts)
-    if len(raw) < height * row_bytes:
-        raise _Corrupt("truncated TIFF image data")
-    arr = np.frombuffer(raw, ifd.order + "u2", height * width * spp).astype(np.uint16)
-    arr = arr.reshape(height, width, spp)
-    if predictor == 2:
-        arr = np.cumsum(arr, axis=1, dtype=np.uint16)
-    return arr
-
-
-def _encode_tiff(a: np.ndarray) -> bytes:
-    """HxWxC uint16 -> little-endian TIFF, deflate with horizontal predictor, ~256 KiB strips."""
-    height, width, spp = a.shape
-    diff = a.copy()
-    diff[:, 1:] -= a[:, :-1]  # uint16 wraps: predictor 2 works modulo 2**16
-    row_bytes = width * spp * 2
-    rows_per_strip = max(1, min(height, (1 << 18) // row_bytes))
-    strips = [
-        zlib.compress(diff[r : r + rows_per_strip].astype("<u2").tobytes(), ZLIB_LEVEL)
-        for r in range(0, height, rows_per_strip)
-    ]
-    ns = len(strips)
-    entries: list[tuple[int, int, tuple[int, ...]]] = [
-        (256, 4, (width,)),
-        (257, 4, (height,)),
-        (258, 3, (16,) * spp),
-        (259, 3, (8,)),
-        (262, 3, (2 if spp >= 3 else 1,)),
-        (273, 4, (0,) * ns),  # patched below
-        (277, 3, (spp,)),
-        (278, 4, (rows_per_strip,)),
-        (279, 4, tuple(len(s) for s in strips)),
-        (284, 3, (1,)),
-        (317, 3, (2,)),
-    ]
-    if spp in (2, 4):
-        entries.append((338, 3, (2,)))  # unassociated alpha
-    ifd_size = 2 + 12 * len(entries) + 4
-    extra_at = 8 + ifd_size
-    extra_size = sum(
-        len(v) * _TIFF_TYPE_SIZE[t] for _, t, v in entries if len(v) * _TIFF_TYPE_SIZE[t] > 4
+def _encode_png16(a: np.ndarray, icc: bytes | None, exif: bytes | None) -> bytes:
+    """HxWxC uint16 -> PNG by libpng (None/Sub/Up filters, zlib level ZLIB_LEVEL), with iCCP
+    and eXIf chunks inserted after IHDR."""
+    filters = imagecodecs.PNG.FILTER.NONE | imagecodecs.PNG.FILTER.SUB | imagecodecs.PNG.FILTER.UP
+    png = imagecodecs.png_encode(
+        np.ascontiguousarray(a[:, :, 0] if a.shape[2] == 1 else a), level=ZLIB_LEVEL, filter=filters
     )
-    data_at = extra_at + extra_size
-    strip_offsets = []
-    pos = data_at
-    for s in strips:
-        strip_offsets.append(pos)
-        pos += len(s)
-    if pos >= 1 << 32:
-        raise _Corrupt("image too large for a classic TIFF file (4 GiB); write PNG")
-    entries[5] = (273, 4, tuple(strip_offsets))
-    ifd = [struct.pack("<H", len(entries))]
-    extra = []
-    for tag, typ, values in entries:
-        packed = struct.pack(f"<{len(values)}{_TIFF_INT_TYPE[typ]}", *values)
-        if len(packed) <= 4:
-            ifd.append(struct.pack("<HHI", tag, typ, len(values)) + packed.ljust(4, b"\0"))
-        else:
-            ifd.append(struct.pack("<HHII", tag, typ, len(values), extra_at + sum(map(len, extra))))
-            extra.append(packed)
-    ifd.append(struct.pack("<I", 0))
-    return b"".join([b"II*\0", struct.pack("<I", 8), *ifd, *extra, *strips])
+    extra = b""
+    if icc:
+        extra += _png_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(icc))
+    if exif:
+        extra += _png_chunk(b"eXIf", exif)
+    ihdr_end = len(_PNG_SIGNATURE) + 12 + 13
+    return png[:ihdr_end] + extra + png[ihdr_end:]
+
+
+# ----------------------------------------------------------------------------------------------
+# TIFF: container by tifffile, codecs by imagecodecs
+
+#: TIFF photometric interpretations read by tifffile: 1 grey (min is black), 2 RGB. Palette,
+#: CMYK, YCbCr, CIELab, bilevel and min-is-white files go to Pillow, which converts them.
+_TIFF_GREY, _TIFF_RGB = 1, 2
+#: A tile may exceed the image (writers pad small images to 256x256 tiles) up to this size.
+_TIFF_TILE_FLOOR = 1 << 20
+#: Compressions tifffile decodes into a buffer of the strip's or tile's size, whatever the data
+#: claims: none, LZW, Deflate (new and old code), PackBits, LZMA, zstd. Image codecs inside TIFF
+#: (JPEG, WebP, JPEG 2000...) allocate what their own header says, so those files go to
+#: Pillow, whose libtiff checks that header against the tile first.
+_TIFF_BOUNDED_CODECS = frozenset({1, 5, 8, 32946, 32773, 34925, 50000})
+
+
+def _decode_tiff(data: bytes, max_pixels: int | None) -> _Decoded:
+    with _quiet_tifffile(), tifffile.TiffFile(io.BytesIO(data)) as tif:
+        if not len(tif.pages):
+            raise _Corrupt("corrupt TIFF (no readable image directory)")
+        page = tif.pages.first
+        width, height, depth = page.imagewidth, page.imagelength, page.imagedepth
+        _check_size(width, height, max_pixels)
+        if depth != 1:
+            raise _Corrupt(f"3-D TIFF ({depth} slices of {width}x{height}) is not supported")
+        if page.is_tiled:
+            tile = page.tilewidth * page.tilelength * page.tiledepth
+            if tile > max(width * height, _TIFF_TILE_FLOOR):
+                raise _Corrupt(
+                    f"corrupt TIFF (tiles of {page.tilewidth}x{page.tilelength} pixels for a "
+                    f"{width}x{height} image)"
+                )
+        if not _tiff_plain(page):
+            try:
+                return _decode_pillow(data, max_pixels)
+            except UnidentifiedImageError:
+                raise _Corrupt(f"unsupported TIFF ({_tiff_kind(page)})") from None
+            except (OSError, SyntaxError) as e:
+                raise _Corrupt(f"unsupported TIFF ({_tiff_kind(page)}; {e})") from None
+        for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False):
+            if count and offset + count > len(data):
+                raise _Corrupt("truncated TIFF (image data cut short)")
+        arr = page.asarray().reshape(page.shaped)[:, 0]  # (separate samples, H, W, contiguous)
+        orientation = int(page.tags.valueof(274, 1))
+        icc = page.iccprofile
+    arr = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr[..., 0], 0, -1)
+    return _Decoded(np.ascontiguousarray(arr), orientation, icc, _tiff_exif(data))
+
+
+def _tiff_kind(page: tifffile.TiffPage) -> str:
+    def name(value: object) -> str:
+        return str(getattr(value, "name", value)).lower()
+
+    bits = page.tags.valueof(258, 1)
+    bits = "/".join(str(b) for b in sorted(set(bits))) if isinstance(bits, tuple) else bits
+    return (
+        f"{bits}-bit {name(page.photometric)}, {page.samplesperpixel} samples, "
+        f"{name(page.compression)} compression"
+    )
+
+
+@contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Keep tifffile's warnings about a damaged file off stderr while nlsr reads it: what is
+    wrong reaches the caller as an ImageReadError instead."""
+    logger = logging.getLogger("tifffile")
+    mute = logging.Filter("tifffile.nlsr-muted")  # matches no logger: drops every record
+    logger.addFilter(mute)
+    try:
+        yield
+    finally:
+        logger.removeFilter(mute)
+
+
+def _tiff_plain(page: tifffile.TiffPage) -> bool:
+    """Grey(+alpha) or RGB(+alpha) samples of unsigned 8 or 16 bits in a bounded compression,
+    which tifffile returns as stored. 8-bit premultiplied alpha goes to Pillow, which
+    un-premultiplies it."""
+    samples = page.samplesperpixel
+    return (
+        page.compression in _TIFF_BOUNDED_CODECS
+        and page.sampleformat == 1
+        and page.bitspersample in (8, 16)
+        and (
+            (page.photometric == _TIFF_GREY and samples in (1, 2))
+            or (page.photometric == _TIFF_RGB and samples in (3, 4))
+        )
+        and not (page.bitspersample == 8 and 1 in page.extrasamples)
+    )
+
+
+def _encode_tiff(a: np.ndarray, icc: bytes | None, exif: bytes | None) -> bytes:
+    """HxWxC uint8/uint16 -> little-endian TIFF, Deflate (level ZLIB_LEVEL) with the horizontal
+    predictor in ~256 KiB strips, alpha as unassociated; ICC profile tag, EXIF directories."""
+    height, width, channels = a.shape
+    rows_per_strip = max(1, min(height, (1 << 18) // (width * channels * a.itemsize)))
+    extratags: list[tuple[int, str, int, object, bool]] = []
+    sub_ifds: dict[int, dict[int, object]] = {}
+    if exif:
+        with suppress(Exception):  # a broken EXIF block is left out, the pixels are written
+            parsed = PILImage.Exif()
+            parsed.load(exif)
+            for tag in _EXIF_SUB_IFDS:
+                if sub := parsed.get_ifd(tag):
+                    sub_ifds[tag] = sub
+            for tag in _EXIF_TEXT_TAGS:
+                if isinstance(value := parsed.get(tag), str) and value.isascii():
+                    extratags.append((tag, "s", 0, value, True))
+    # tifffile writes no Exif/GPS directory tags: a placeholder tag numbered one higher (no
+    # tag sorts between the two, so the directory stays in order) is renamed after writing.
+    extratags += [(tag + 1, "I", 1, 0, True) for tag in sub_ifds]
+    buf = io.BytesIO()
+    tifffile.imwrite(
+        buf,
+        a[:, :, 0] if channels == 1 else a,
+        byteorder="<",
+        photometric="rgb" if channels >= 3 else "minisblack",
+        planarconfig="contig" if channels > 1 else None,
+        extrasamples=("unassalpha",) if channels in (2, 4) else None,
+        compression="zlib",
+        compressionargs={"level": ZLIB_LEVEL},
+        predictor=True,
+        rowsperstrip=rows_per_strip,
+        iccprofile=icc,
+        extratags=extratags,
+        metadata=None,
+        software=False,
+    )
+    data = bytearray(buf.getvalue())
+    if sub_ifds and data[:4] == b"II*\0":  # BigTIFF output (over 4 GiB) keeps ICC only
+        _tiff_attach_ifds(data, sub_ifds)
+    return bytes(data)
+
+
+def _tiff_attach_ifds(data: bytearray, sub_ifds: dict[int, dict[int, object]]) -> None:
+    """Append each sub-directory (Exif, GPS) to a classic little-endian TIFF and turn its
+    placeholder entry (tag + 1, LONG) in the first directory into the real tag pointing at it.
+    Pillow serialises the directories."""
+    (ifd0,) = struct.unpack_from("<I", data, 4)
+    (count,) = struct.unpack_from("<H", data, ifd0)
+    for i in range(count):
+        entry = ifd0 + 2 + 12 * i
+        tag = struct.unpack_from("<H", data, entry)[0] - 1
+        if tag not in sub_ifds:
+            continue
+        data += bytes(len(data) % 2)  # directories start on a word boundary
+        directory = TiffImagePlugin.ImageFileDirectory_v2(b"II*\0\x08\0\0\0", group=tag)
+        for key, value in sub_ifds[tag].items():
+            directory[key] = value
+        offset = len(data)
+        data += directory.tobytes(offset)
+        struct.pack_into("<H", data, entry, tag)
+        struct.pack_into("<I", data, entry + 8, offset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -663,7 +682,9 @@ def write_image(
     16-bit in PNG and TIFF; JPEG, BMP and WebP hold 8 bits, so it is rounded to
     ``round(v / 257)``. JPEG and BMP cannot store alpha: writing alpha to them is an error.
     JPEG is written at quality 95 without chroma subsampling, WebP losslessly, PNG and TIFF
-    with zlib level :data:`ZLIB_LEVEL`.
+    with zlib level :data:`ZLIB_LEVEL`. An :class:`Image`'s ICC profile (when its colour
+    space fits the channels written) and EXIF block go into PNG (iCCP, eXIf), JPEG (APP2,
+    APP1), TIFF (ICC tag, Exif and GPS directories) and WebP; BMP stores neither.
     """
     p = Path(path)
     fmt = _FORMAT_BY_EXTENSION.get(p.suffix.lower())
@@ -682,7 +703,7 @@ def write_image(
     if not overwrite and p.exists():
         raise ImageWriteError(f"{p}: {_EXISTS}")
     try:
-        payload = _encode(a, fmt)
+        payload = _encode(a, fmt, *_metadata(image, a.shape[2]))
     except _Corrupt as e:
         raise ImageWriteError(f"{p}: {e}") from None
     except (OSError, ValueError) as e:
@@ -716,13 +737,25 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(v / 257), no ties
 
 
-def _encode(a: np.ndarray, fmt: str) -> bytes:
+def _metadata(image: Image | np.ndarray, channels: int) -> tuple[bytes | None, bytes | None]:
+    """(ICC profile, upright EXIF block) to write with ``image``: arrays carry none."""
+    if not isinstance(image, Image):
+        return None, None
+    icc = image.icc_profile if _icc_fits(image.icc_profile, channels) else None
+    return icc, _upright_exif(image.exif) if image.exif else None
+
+
+#: Largest EXIF block a JPEG APP1 segment holds (after its ``Exif\0\0`` prefix).
+_JPEG_MAX_EXIF = 65533 - len(_EXIF_PREFIX)
+
+
+def _encode(a: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None) -> bytes:
     deep = a.dtype == np.uint16
     channels = a.shape[2]
     if fmt == "PNG" and deep:
-        return _encode_png(a)
-    if fmt == "TIFF" and deep:
-        return _encode_tiff(a) if channels > 1 else _pillow_bytes(a, "TIFF")
+        return _encode_png16(a, icc, exif)
+    if fmt == "TIFF":
+        return _encode_tiff(a, icc, exif)
     if fmt in ("JPEG", "BMP") and channels in (2, 4):
         raise _Corrupt(f"{fmt} cannot store an alpha channel; write .png, .tif or .webp instead")
     options: dict[str, object] = {}
@@ -730,11 +763,16 @@ def _encode(a: np.ndarray, fmt: str) -> bytes:
         options = {"compress_level": ZLIB_LEVEL}
     elif fmt == "JPEG":
         options = {"quality": 95, "subsampling": 0}
+        if exif and len(exif) <= _JPEG_MAX_EXIF:
+            options["exif"] = _EXIF_PREFIX + exif
     elif fmt == "WEBP":
         options = {"lossless": True, "exact": True}
-    elif fmt == "TIFF" and features.check("libtiff"):
-        options = {"compression": "tiff_adobe_deflate"}
-    return _pillow_bytes(a if fmt in ("PNG", "TIFF") else _to_uint8(a), fmt, **options)
+    if fmt != "BMP":
+        if icc:
+            options["icc_profile"] = icc
+        if exif and fmt != "JPEG":
+            options["exif"] = exif
+    return _pillow_bytes(a if fmt == "PNG" else _to_uint8(a), fmt, **options)
 
 
 def _pillow_bytes(a: np.ndarray, fmt: str, **options: object) -> bytes:

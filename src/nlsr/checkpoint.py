@@ -2,15 +2,24 @@
 safetensors format; recognise the architecture from the keys; load strictly; save.
 
 Nothing here unpickles arbitrary objects: ``.pt``/``.pth`` files are read with
-``torch.load(..., weights_only=True)``, nlsr files with safetensors.
+``torch.load(..., weights_only=True)``, nlsr files with safetensors. Nothing a file says is
+trusted either: options are type- and range-checked, the model's size is computed on the
+``meta`` device (no memory) and held to :data:`MAX_PARAMETERS` / :data:`MAX_BLOCKS` before
+anything is allocated, the tensors are compared with the expected shapes and dtypes, and
+non-finite weights are refused.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import numbers
+import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +29,17 @@ from torch import Tensor, nn
 from nlsr.atomic import atomic_write
 from nlsr.models.common import RGB_MEAN
 
-__all__ = ["CheckpointError", "detect", "load", "read_state_dict", "save"]
+__all__ = [
+    "MAX_BLOCKS",
+    "MAX_PARAMETERS",
+    "OPTION_RULES",
+    "CheckpointError",
+    "check_options",
+    "detect",
+    "load",
+    "read_state_dict",
+    "save",
+]
 
 #: Keys under which training frameworks nest the weights, in order of preference
 #: (BasicSR ``params_ema``/``params``, Lightning ``state_dict``, generic ``model``).
@@ -31,6 +50,38 @@ _RESERVED = ("arch", "scale", "options")
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 _MAX_LISTED = 5
+
+#: Largest model :func:`load` builds, in parameter and buffer values (2 GB as float32); about
+#: ten times the largest paper model (DLSN, 70M). Override with the environment variable below.
+MAX_PARAMETERS = 500_000_000
+MAX_PARAMETERS_ENV = "NLSR_MAX_PARAMETERS"
+#: Largest number of residual blocks (``n_resgroups * (n_resblocks + 1)``, the attention or
+#: channel-attention unit included) :func:`load` builds; RCAN, the deepest paper model, has 210.
+#: Bounds the time even an empty (``meta``) build takes. Override with the variable below.
+MAX_BLOCKS = 2048
+MAX_BLOCKS_ENV = "NLSR_MAX_BLOCKS"
+#: Largest upscaling factor accepted from a checkpoint or a caller.
+MAX_SCALE = 16
+#: Largest value of any integer option (they size tensors; 32-bit).
+_MAX_INT = 2**31 - 1
+#: Tensor dtypes a checkpoint may hold; anything else (complex, float8, quantised, unsigned
+#: 16/32/64-bit) is refused.
+_ACCEPTED_DTYPES = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+)
+#: safetensors dtype names of the same (checked in the header, before any data is read).
+_SAFETENSORS_DTYPES = ("F32", "F16", "BF16", "F64", "BOOL", "U8", "I8", "I16", "I32", "I64")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -79,7 +130,9 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a corrupt file gets one error, not warnings as well
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any failure to parse the file means it is not a usable checkpoint
         text = str(e)
         if "Weights only load failed" in text or "Unsupported global" in text:
@@ -99,24 +152,43 @@ def _safetensors_load(path: Path) -> tuple[dict[str, Tensor], dict | None]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+            keys = list(f.keys())
+            config = None
+            if CONFIG_KEY in metadata:
+                config = _parse_config(metadata[CONFIG_KEY], str(path))
+            # The header's dtypes and shapes, checked before any tensor data is read.
+            declared = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in keys}
+            bad = [f"{k} ({d})" for k, (d, _) in declared.items() if d not in _SAFETENSORS_DTYPES]
+            if bad:
+                raise CheckpointError(
+                    f"{path}: tensors of a dtype nlsr does not accept: {_listing(bad)} (accepted: "
+                    f"{', '.join(_SAFETENSORS_DTYPES)})"
+                )
+            _check_total(sum(math.prod(shape) for _, shape in declared.values()), str(path))
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except CheckpointError:
+        raise
     except Exception as e:  # corrupt header or data
-        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
-    config = None
-    if CONFIG_KEY in metadata:
-        config = _parse_config(metadata[CONFIG_KEY], str(path))
+        raise CheckpointError(f"{path}: unreadable safetensors file ({_first_line(e)})") from e
     return tensors, config
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _parse_config(text: str, name: str) -> dict:
     try:
         config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{name}: the {CONFIG_KEY} header is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError; over-long integers; nesting
+        raise CheckpointError(
+            f"{name}: the {CONFIG_KEY} header is not valid JSON ({_first_line(e)})"
+        ) from e
     ok = (
         isinstance(config, dict)
         and isinstance(config.get("arch"), str)
-        and isinstance(config.get("scale"), int)
+        and _is_int(config.get("scale"))
         and isinstance(config.get("options", {}), dict)
     )
     if not ok:
@@ -146,6 +218,13 @@ def _normalise(obj: Any, name: str) -> dict[str, Tensor]:
         raise CheckpointError(
             f"{name}: not a state dict of tensors; entries that are not tensors: {_listing(bad)}"
         )
+    odd = [f"{k} ({why})" for k, v in obj.items() if (why := _odd_tensor(v)) is not None]
+    if odd:
+        raise CheckpointError(
+            f"{name}: tensors nlsr does not accept: {_listing(odd)}; a checkpoint holds dense "
+            "float, integer or bool tensors"
+        )
+    _check_total(sum(v.numel() for v in obj.values()), name)
     out: dict[str, Tensor] = {}
     for key, value in obj.items():
         if not isinstance(key, str):
@@ -157,6 +236,47 @@ def _normalise(obj: Any, name: str) -> dict[str, Tensor]:
             raise CheckpointError(f"{name}: key {short!r} appears twice once 'module.' is removed")
         out[short] = value
     return out
+
+
+def _odd_tensor(t: Tensor) -> str | None:
+    """Why tensor ``t`` cannot be a weight (sparse, quantised, nested, no data, odd dtype, a
+    subclass), or None."""
+    if type(t) not in (Tensor, nn.Parameter):
+        return f"a {type(t).__name__}, a tensor subclass"
+    if t.is_nested:
+        return "a nested tensor"
+    if t.layout != torch.strided:
+        return f"a {str(t.layout).removeprefix('torch.')} tensor, not a dense one"
+    if t.is_quantized:
+        return "a quantized tensor"
+    if t.device.type == "meta":
+        return "a meta tensor, which holds no values"
+    if t.dtype not in _ACCEPTED_DTYPES:
+        return f"dtype {str(t.dtype).removeprefix('torch.')}"
+    return None
+
+
+def _check_total(values: int, name: str) -> None:
+    """Refuse a checkpoint holding more values than any model nlsr builds may have."""
+    limit = _limit(MAX_PARAMETERS_ENV, MAX_PARAMETERS)
+    if values > limit:
+        raise CheckpointError(
+            f"{name}: the tensors hold {values:,} values, more than the limit of {limit:,} "
+            f"({MAX_PARAMETERS_ENV}): no model nlsr loads is that large"
+        )
+
+
+def _limit(env: str, default: int) -> int:
+    raw = os.environ.get(env)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw.replace("_", "").strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise CheckpointError(f"environment variable {env}={raw!r}: must be a positive integer")
+    return value
 
 
 def _all_tensors(obj: Mapping) -> bool:
@@ -176,8 +296,22 @@ def detect(state_dict: Mapping[str, Any]) -> tuple[str, int, dict[str, Any]]:
     chunk size, clusters, rgb_range ...), read from key names and shapes."""
     sd = _normalise(state_dict, "state dict")
     arch = _recognise(sd)
-    scale, options = _READERS[arch](sd)
+    scale, options = _read(sd, arch)
     return arch, scale, options
+
+
+def _read(sd: Mapping[str, Tensor], arch: str) -> tuple[int, dict[str, Any]]:
+    """``_READERS[arch]``, with any failure on odd shapes (a scalar where a matrix belongs, a
+    zero-sized dimension) reported as a CheckpointError."""
+    try:
+        return _READERS[arch](sd)
+    except CheckpointError:
+        raise
+    except (IndexError, KeyError, ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:
+        raise CheckpointError(
+            f"the tensors have the keys of a {arch} checkpoint but shapes no {arch} has "
+            f"({type(e).__name__}: {_first_line(e)})"
+        ) from e
 
 
 def _recognise(sd: Mapping[str, Tensor]) -> str:
@@ -410,11 +544,18 @@ def load(
 
     The configuration comes from the nlsr header if present, else from :func:`detect`;
     ``arch``, ``scale`` and ``options`` override it (and supply what no tensor reveals).
+    Options are type- and range-checked and the model's size is computed on the ``meta`` device
+    before anything is allocated (limits :data:`MAX_PARAMETERS`, :data:`MAX_BLOCKS`); the
+    tensors must have the model's shapes, finite values and a dtype that converts without
+    changing them (half precision and float64 are accepted: ``model.nlsr_load_notes`` says so).
     """
     from nlsr import models
 
     name = "state dict" if isinstance(source, Mapping) else str(source)
     sd, config = read_state_dict(source)
+    found_in = "from the file's nlsr header" if config is not None else "read from the weights"
+    if arch is not None and not isinstance(arch, str):
+        raise CheckpointError(f"{name}: arch must be a string, got {arch!r}")
     if config is not None:
         base_arch, base_scale, base = config["arch"], config["scale"], dict(config["options"])
     elif arch is None:
@@ -431,35 +572,324 @@ def load(
         )
     if arch != base_arch:
         base_scale, base = _read_quietly(sd, arch)
+    scale_from = found_in if scale is None else "as passed to load"
     scale = scale if scale is not None else base_scale
     if scale is None:
         raise CheckpointError(f"{name}: cannot read the scale from the weights; pass scale=")
     merged = {**base, **options}
+    origins = {**dict.fromkeys(base, found_in), **dict.fromkeys(options, "as passed to load")}
     unknown = sorted(set(merged) - set(models.options(arch)))
     if unknown:
         raise CheckpointError(
             f"{name}: {arch} does not accept option(s) {', '.join(unknown)}; "
             f"it takes {', '.join(models.options(arch))}"
         )
+    scale = _check_scale(scale, name, scale_from)
+    merged = check_options(arch, merged, name=name, origins=origins)
+    expected = _expected_state(arch, scale, merged, name, origins)
+    _check_fit(expected, sd, name, arch, scale, merged)
+    weights, notes = _checked_weights(expected, sd, name)
     try:
         model = models.create(arch, scale, **merged)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{name}: cannot build {arch} x{scale} with {merged}: {e}") from e
-    _check_fit(model, sd, name, arch, scale, merged)
-    model.load_state_dict(sd, strict=True)
+        model.load_state_dict(weights, strict=True)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{name}: cannot load {arch} x{scale}: {_first_line(e)}") from e
+    model.nlsr_load_notes = notes
+    for note in notes:
+        log.info("%s: %s", name, note)
     if config is not None:
         model.nlsr_metadata = {k: v for k, v in config.items() if k not in _RESERVED}
     return model.eval()
 
 
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """What an option's value may be: ``kind`` "int" (in [low, _MAX_INT]), "real" (finite, in
+    [low, high], above ``low`` if ``open_low``), "bool", "choice" (one of ``choices``),
+    "attention" (a registered attention block) or "mapping" (str keys); ``none``: None allowed."""
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    none: bool = False
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "int":
+            text = f"an integer >= {int(self.low or 0)} (below 2**31)"
+        elif self.kind == "real":
+            bounds = []
+            if self.low is not None:
+                bounds.append(f"{'>' if self.open_low else '>='} {self.low:g}")
+            if self.high is not None:
+                bounds.append(f"<= {self.high:g}")
+            text = "a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
+        elif self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "choice":
+            text = "one of " + ", ".join(map(repr, self.choices))
+        elif self.kind == "attention":
+            from nlsr.attention import available_attention
+
+            text = "an attention block name (" + ", ".join(available_attention()) + ")"
+        else:
+            text = "an object (mapping) with string keys"
+        return text + (" or null" if self.none else "")
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.none
+        if self.kind == "int":
+            return _is_int(value) and (self.low or 0) <= value <= _MAX_INT
+        if self.kind == "real":
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                return False
+            try:
+                v = float(value)
+            except OverflowError:  # an integer beyond float range
+                return False
+            return (
+                math.isfinite(v)
+                and (self.low is None or (v > self.low if self.open_low else v >= self.low))
+                and (self.high is None or v <= self.high)
+            )
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "choice":
+            return isinstance(value, str) and value in self.choices
+        if self.kind == "attention":
+            from nlsr.attention import available_attention
+
+            return isinstance(value, str) and value in available_attention()
+        return isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
+
+
+_COUNT = _Rule("int", 1)
+#: The rule of every option of the registered networks (tests check that none is missing).
+OPTION_RULES: dict[str, _Rule] = {
+    "n_resblocks": _Rule("int", 0),
+    "n_resgroups": _COUNT,
+    "n_feats": _COUNT,
+    "n_colors": _COUNT,
+    "reduction": _COUNT,
+    "chunk_size": _COUNT,
+    "n_hashes": _COUNT,
+    "n_clusters": _COUNT,
+    "window_size": _COUNT,
+    "depth": _COUNT,
+    "csnla_ksize": _COUNT,
+    "csnla_stride": _COUNT,
+    "topk": _Rule("int", 1, none=True),
+    "block_size": _Rule("int", 1, none=True),
+    "attention_every": _Rule("int", 1, none=True),
+    "res_scale": _Rule("real"),
+    "rgb_range": _Rule("real", 0, open_low=True),
+    "ema_decay": _Rule("real", 0, 1),
+    "csnla_softmax_scale": _Rule("real"),
+    "super_bit": _Rule("bool"),
+    "csnla_average": _Rule("bool"),
+    "centroid_update": _Rule("choice", choices=("none", "ema")),
+    "attention": _Rule("attention", none=True),
+    "attention_options": _Rule("mapping", none=True),
+}
+#: Options that change how many parameters a network has (named when it is too large).
+_SIZE_OPTIONS = (
+    "n_feats",
+    "n_resblocks",
+    "n_resgroups",
+    "depth",
+    "reduction",
+    "chunk_size",
+    "n_hashes",
+    "n_clusters",
+    "csnla_ksize",
+    "attention",
+    "attention_every",
+    "attention_options",
+)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _origin(origins: Mapping[str, str] | None, key: str, joint: str = "") -> str:
+    """Where option ``key`` came from, as `` (from ...)`` or, with ``joint``, ``, from ...``."""
+    where = (origins or {}).get(key)
+    if not where:
+        return ""
+    return f"{joint}{where}" if joint else f" ({where})"
+
+
+def check_options(
+    arch: str,
+    options: Mapping[str, Any],
+    *,
+    name: str = "options",
+    origins: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """``options`` of ``arch`` with every value type- and range-checked (integers as ``int``);
+    raises CheckpointError naming the first bad option, its value and where it came from
+    (``origins``: option -> e.g. "from the file's nlsr header")."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        rule = OPTION_RULES.get(key)
+        if rule is None:
+            ok = value is None or isinstance(value, (bool, int, float, str))
+            if not ok:
+                raise CheckpointError(
+                    f"{name}: {arch} option {key!r} must be a number, string, bool or null, got "
+                    f"{_shown(value)}{_origin(origins, key, ', ')}"
+                )
+        elif not rule.accepts(value):
+            raise CheckpointError(
+                f"{name}: {arch} option {key!r} must be {rule.describe()}, got "
+                f"{_shown(value)}{_origin(origins, key, ', ')}"
+            )
+        out[key] = int(value) if _is_int(value) else value
+    return out
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print (Python's int-to-str limit)
+        text = f"<an integer of {value.bit_length()} bits>"
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _check_scale(scale: Any, name: str, where: str) -> int:
+    if not _is_int(scale) or not 1 <= scale <= MAX_SCALE:
+        raise CheckpointError(
+            f"{name}: scale must be an integer from 1 to {MAX_SCALE}, got {_shown(scale)}, {where}"
+        )
+    return int(scale)
+
+
+def _expected_state(
+    arch: str, scale: int, options: dict[str, Any], name: str, origins: Mapping[str, str]
+) -> dict[str, Tensor]:
+    """The state dict (shapes and dtypes only) of ``arch`` x``scale`` with ``options``, built on
+    the ``meta`` device, which allocates nothing; refused when above the size limits."""
+    from nlsr import models
+
+    defaults = models.options(arch)
+    size = {k: options.get(k, defaults.get(k)) for k in ("n_resgroups", "n_resblocks")}
+    groups = size["n_resgroups"] if "n_resgroups" in defaults else 1
+    blocks = groups * ((size["n_resblocks"] if "n_resblocks" in defaults else 0) + 1)
+    limit = _limit(MAX_BLOCKS_ENV, MAX_BLOCKS)
+    if blocks > limit:
+        raise CheckpointError(
+            f"{name}: {arch} with {_size_listing(options, origins, defaults, limit_blocks=True)} "
+            f"would have {blocks:,} residual blocks, more than the limit of {limit:,} "
+            f"({MAX_BLOCKS_ENV})"
+        )
+    try:
+        with torch.device("meta"):
+            model = models.create(arch, scale, **options)
+    except Exception as e:  # any constructor failure on bad options: no allocation happened
+        raise CheckpointError(
+            f"{name}: cannot build {arch} x{scale} with {options}: {_first_line(e)}"
+        ) from e
+    values = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    limit = _limit(MAX_PARAMETERS_ENV, MAX_PARAMETERS)
+    if values > limit:
+        nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        raise CheckpointError(
+            f"{name}: {arch} x{scale} with {_size_listing(options, origins, defaults)} would "
+            f"have {values:,} parameter and buffer values ({nbytes / 2**30:,.1f} GiB), more "
+            f"than the limit of {limit:,} ({MAX_PARAMETERS_ENV}); refused before allocating"
+        )
+    return model.state_dict()
+
+
+def _size_listing(
+    options: Mapping[str, Any],
+    origins: Mapping[str, str],
+    defaults: Mapping[str, Any],
+    *,
+    limit_blocks: bool = False,
+) -> str:
+    """The size options set, the furthest above its default first, with where each came from."""
+    keys = ("n_resgroups", "n_resblocks") if limit_blocks else _SIZE_OPTIONS
+    named = [k for k in keys if k in options]
+
+    def excess(key: str) -> float:
+        value, default = options[key], defaults.get(key)
+        if _is_int(value) and _is_int(default) and default > 0:
+            return value / default
+        return 0.0
+
+    named.sort(key=excess, reverse=True)
+    shown = [f"option {k}={options[k]!r}{_origin(origins, k)}" for k in named]
+    return ", ".join(shown) or "its default options"
+
+
+def _checked_weights(
+    expected: Mapping[str, Tensor], sd: Mapping[str, Tensor], name: str
+) -> tuple[dict[str, Tensor], list[str]]:
+    """The checkpoint's tensors converted to the model's dtypes, refusing conversions that
+    change values (integers or bools where floats belong, out-of-range integers) and non-finite
+    values; returns them with notes on accepted conversions (half precision, float64)."""
+    out: dict[str, Tensor] = {}
+    converted: dict[torch.dtype, int] = {}
+    for key, want in expected.items():
+        t = sd[key]
+        if want.is_floating_point():
+            if not t.is_floating_point():
+                raise CheckpointError(
+                    f"{name}: tensor {key!r} holds {str(t.dtype).removeprefix('torch.')} values "
+                    f"where the model has {str(want.dtype).removeprefix('torch.')}; converting "
+                    "would change them (quantised or corrupt weights)"
+                )
+            value = t.to(want.dtype)
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                if bool(torch.isfinite(t).all()):
+                    raise CheckpointError(
+                        f"{name}: tensor {key!r} holds {bad:,} value(s) beyond the range of "
+                        f"{str(want.dtype).removeprefix('torch.')} (they would become Inf)"
+                    )
+                raise CheckpointError(
+                    f"{name}: tensor {key!r} holds {bad:,} non-finite (NaN/Inf) value(s) of "
+                    f"{t.numel():,}; the weights are corrupt (e.g. a diverged training run)"
+                )
+        else:
+            if t.is_floating_point():
+                raise CheckpointError(
+                    f"{name}: tensor {key!r} holds {str(t.dtype).removeprefix('torch.')} values "
+                    f"where the model has {str(want.dtype).removeprefix('torch.')}"
+                )
+            value = t.to(want.dtype)
+            if not torch.equal(value.to(t.dtype), t):
+                raise CheckpointError(
+                    f"{name}: tensor {key!r} holds {str(t.dtype).removeprefix('torch.')} values "
+                    f"that do not fit {str(want.dtype).removeprefix('torch.')}"
+                )
+        if t.dtype != want.dtype:
+            converted[t.dtype] = converted.get(t.dtype, 0) + 1
+        out[key] = value
+    notes = []
+    for dtype, count in converted.items():
+        kind = str(dtype).removeprefix("torch.")
+        how = "rounded" if dtype == torch.float64 else "converted exactly"
+        notes.append(f"{count} tensor(s) stored as {kind}, {how} to the model's dtype")
+    return out, notes
+
+
 def _read_quietly(sd: Mapping[str, Tensor], arch: str) -> tuple[int | None, dict[str, Any]]:
     """Scale and options the weights reveal for ``arch``; when they do not fit ``arch``, only
     the scale of whatever they are (the strict load then says what is wrong)."""
-    reader = _READERS.get(arch)
     try:
-        if reader is not None:
-            return reader(sd)
-    except (CheckpointError, KeyError, IndexError):
+        if arch in _READERS:
+            return _read(sd, arch)
+    except CheckpointError:
         pass
     try:
         return detect(sd)[1], {}
@@ -468,15 +898,15 @@ def _read_quietly(sd: Mapping[str, Tensor], arch: str) -> tuple[int | None, dict
 
 
 def _check_fit(
-    model: nn.Module,
+    expected: Mapping[str, Tensor],
     sd: Mapping[str, Tensor],
     name: str,
     arch: str,
     scale: int,
     options: dict[str, Any],
 ) -> None:
-    """Raise CheckpointError naming missing, unexpected and mis-shaped keys and the likely cause."""
-    expected = model.state_dict()
+    """Raise CheckpointError naming missing, unexpected and mis-shaped keys and the likely cause;
+    ``expected`` is the model's state dict (on the meta device: shapes only)."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     misshaped = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]

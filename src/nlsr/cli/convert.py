@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,22 +66,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Convert; prints what was detected and written. Returns 0, or 1 with one line on stderr."""
-    try:
-        _convert(args)
-    except (ValueError, OSError) as e:
-        print(f"nlsr convert: error: {e}", file=sys.stderr)
-        return 1
+    """Convert; prints what was detected and written (errors become one line in
+    :func:`nlsr.cli.main`: exit 2 for a bad option or file, 1 for a failed write)."""
+    _convert(args)
     return 0
 
 
 def _convert(args: argparse.Namespace) -> None:
     from nlsr import __version__
-    from nlsr.checkpoint import detect, load, read_state_dict, save
+    from nlsr.checkpoint import CheckpointError, check_options, detect, load, read_state_dict, save
 
     src: Path = args.input
     dst: Path = args.output
     given = dict(parse_option(o) for o in args.opt)
+    # Types and ranges first: a bad --opt is named before the input is even read.
+    check_options(
+        args.arch or "model", given, name=str(src), origins=dict.fromkeys(given, "from --opt")
+    )
     if dst.suffix != ".safetensors":
         raise ValueError(f"{dst}: the output must be a .safetensors file")
     if dst.exists() and not args.overwrite:
@@ -94,7 +94,10 @@ def _convert(args: argparse.Namespace) -> None:
     if config is not None:
         arch, found, origin = config["arch"], dict(config["options"]), "its nlsr header"
     elif args.arch is None:
-        arch, _, found = detect(state_dict)
+        try:
+            arch, _, found = detect(state_dict)
+        except CheckpointError as e:
+            raise CheckpointError(f"{src}: {e}") from e
         origin = "the weights"
     else:
         arch, found, origin = args.arch, {}, "--arch"
@@ -108,6 +111,8 @@ def _convert(args: argparse.Namespace) -> None:
         f"  loaded strictly as {used['arch']} x{used['scale']}: {len(state_dict)} tensors, "
         f"{n_params / 1e6:.2f}M parameters"
     )
+    for note in getattr(model, "nlsr_load_notes", []):
+        print(f"  note: {note}")
     provenance = {
         "converted_from": src.name,
         "source_sha256": _sha256(src),

@@ -274,7 +274,7 @@ def test_cli_weights_file(toy_root: Path, tmp_path: Path) -> None:
 def test_cli_errors_are_one_line(
     toy_root: Path, capsys: pytest.CaptureFixture, argv: list[str], message: str
 ) -> None:
-    assert main(["eval", "--data-root", str(toy_root), *argv]) == 1
+    assert main(["eval", "--data-root", str(toy_root), *argv]) == 2  # usage error
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 

@@ -57,9 +57,14 @@ def benchmark_images(name: str, data_root: str | Path | None = None) -> list[Pat
         raise DatasetError(
             f"dataset {name!r} not found: no folder {hr_dir.resolve()} ({_where(root, data_root)})"
         )
-    files = sorted(
-        p for p in hr_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    try:
+        files = sorted(
+            p for p in hr_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+    except OSError as e:
+        raise DatasetError(
+            f"dataset {name!r}: cannot read the folder {hr_dir.resolve()} ({e.strerror or e})"
+        ) from e
     if not files:
         raise DatasetError(
             f"dataset {name!r}: {hr_dir.resolve()} holds no images ({', '.join(IMAGE_EXTENSIONS)})"

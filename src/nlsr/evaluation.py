@@ -84,10 +84,14 @@ def _model_for(model: nn.Module | str, scale: int) -> tuple[nn.Module, str]:
         return Bicubic(scale), "bicubic"
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module or 'bicubic', got {type(model).__name__}")
-    if getattr(model, "scale", None) != scale:
+    if not hasattr(model, "scale"):
         raise ValueError(
-            f"model {type(model).__name__} upscales x{getattr(model, 'scale', '?')}, "
-            f"but scale {scale} was asked for"
+            f"model {type(model).__name__} has no 'scale' attribute (its upscaling factor, an "
+            "int); nlsr's networks have one: build them with nlsr.models.create or nlsr.load"
+        )
+    if model.scale != scale:
+        raise ValueError(
+            f"model {type(model).__name__} upscales x{model.scale}, but scale {scale} was asked for"
         )
     # A shipped model by its published name, else the architecture, else the class.
     config = getattr(model, "nlsr_config", None)
@@ -120,6 +124,17 @@ def _lr_image(
             f"for x{scale} of {hr_path.name}"
         )
     return lr
+
+
+def _check_hr_size(hr: np.ndarray, path: Path, scale: int) -> None:
+    """An HR image must keep SSIM's 11x11 window after ``scale`` px are cut from each border."""
+    need = 2 * scale + 11
+    if min(hr.shape[:2]) < need:
+        raise DatasetError(
+            f"{path}: HR image too small to score at x{scale}: {hr.shape[1]}x{hr.shape[0]} "
+            f"after cropping to a multiple of {scale}, needs at least {need}x{need} ({scale} px "
+            "are cut from each border, then SSIM needs 11x11)"
+        )
 
 
 def _save_dir(save_images: str | Path, dataset: str, scale: int, degradation: str) -> Path:
@@ -180,6 +195,7 @@ def evaluate(
     scores: list[ImageScore] = []
     for index, path in enumerate(tqdm(files, desc=f"{dataset} x{scale}", disable=not progress)):
         hr = modcrop(read_image(path).pixels, scale)
+        _check_hr_size(hr, path, scale)
         lr = _lr_image(hr, path, index, scale, deg, noise_sigma, official_lr)
         out = forward(
             net,

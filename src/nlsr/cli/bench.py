@@ -179,31 +179,29 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the suite, print the table (and profiles), write JSON/plot; returns the exit status."""
+    """Run the suite, print the table (and profiles), write JSON/plot; returns the exit status
+    (1 when a point failed)."""
     import torch
 
     from nlsr import bench
 
-    try:
-        settings = settings_from_args(args)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise bench.BenchError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        if args.plot:
-            bench.require_matplotlib()
-        bench.resolve_device(args.device)
+    # A bad option raises BenchError (a ValueError): exit status 2, one line, from nlsr.cli.main.
+    settings = settings_from_args(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise bench.BenchError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.plot:
+        bench.require_matplotlib()
+    bench.resolve_device(args.device)
 
-        def log(line: str) -> None:
-            print(line, file=sys.stderr, flush=True)
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
 
-        if args.from_json:
-            report = bench.read_json(args.from_json)
-        else:
-            report = bench.run_suite(settings, None if args.quiet else log)
-    except ValueError as err:
-        print(f"nlsr bench: {err}", file=sys.stderr)
-        return 2
+    if args.from_json:
+        report = bench.read_json(args.from_json)
+    else:
+        report = bench.run_suite(settings, None if args.quiet else log)
     env = report.environment
     print(
         f"device {env['device']} ({env['device_name']}), torch {env['torch']}, "

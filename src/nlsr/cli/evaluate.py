@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nlsr.atomic import atomic_write
+from nlsr.cli import add_seed_option
 
 _ROW = "{:<10} {:>5}  {:<8} {:>9} {:>8} {:>7} {:>8}"
 
@@ -99,6 +100,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--self-ensemble", action="store_true", help="x8 self-ensemble ('+' rows)")
     p.add_argument("--tile", type=int, metavar="N", help="run in NxN LR tiles (bounded memory)")
     p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1, mps (default: best)")
+    add_seed_option(p)
     p.add_argument(
         "--save-images",
         type=Path,
@@ -110,12 +112,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate and print the table; 0 on success, 1 with one line on stderr on a user error."""
-    try:
-        _evaluate(args)
-    except (ValueError, OSError) as e:
-        print(f"nlsr eval: error: {e}", file=sys.stderr)
-        return 1
+    """Evaluate and print the table; returns 0. A user error raises ValueError (exit status 2,
+    one line on stderr, from :func:`nlsr.cli.main`)."""
+    _evaluate(args)
     return 0
 
 
@@ -133,6 +132,10 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--tile must be a positive number of pixels, got {args.tile}")
     if args.json is not None and not args.json.parent.is_dir():
         raise ValueError(f"--json {args.json}: folder {args.json.parent} does not exist")
+    if args.json is not None and args.json.is_dir():
+        raise ValueError(f"--json {args.json}: is a folder; give a file name")
+    if args.save_images is not None and args.save_images.exists() and not args.save_images.is_dir():
+        raise ValueError(f"--save-images {args.save_images}: is a file; give a folder")
 
 
 def _models(args: argparse.Namespace) -> dict[int, Any]:
@@ -167,7 +170,10 @@ def _models(args: argparse.Namespace) -> dict[int, Any]:
         return {s: load_pretrained(n, s) for s, n in best.items()}
     from nlsr.checkpoint import load
 
-    return {s: load(args.weights, arch=name, scale=s) for s in args.scale}
+    models = {s: load(args.weights, arch=name, scale=s) for s in args.scale}
+    for note in next(iter(models.values())).nlsr_load_notes:  # e.g. half-precision weights
+        print(f"{args.weights}: note: {note}", file=sys.stderr)
+    return models
 
 
 def _label(models: dict[int, Any], weights: Path | None, defaulted: bool = False) -> str:
@@ -221,6 +227,7 @@ def _evaluate(args: argparse.Namespace) -> None:
                 tile=args.tile,
                 device=args.device,
                 save_images=args.save_images,
+                seed=args.seed,
             )
             took = time.perf_counter() - start
             print(

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import yaml
 
@@ -65,26 +66,35 @@ def _console_logging() -> Iterator[None]:
 def run(args: argparse.Namespace) -> int:
     """Validate the config, train, print where the weights are.
 
-    Returns 0, 2 on user errors, 130 when stopped by a signal (a checkpoint was saved)."""
+    Returns 0, or 130 when stopped by a signal (a checkpoint was saved). A bad config raises
+    ConfigError (exit status 2), a failed write OSError (exit status 1): one line on stderr,
+    from :func:`nlsr.cli.main`."""
     with _console_logging():
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from nlsr.atomic import remove_stale_temporaries
     from nlsr.train import load_config, resume_config, train
+    from nlsr.train.config import check_run_dir
 
+    if args.resume is not None:
+        cfg = resume_config(args.resume, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    run_dir = Path(cfg.run_dir or ".")
+    check_run_dir(run_dir)
+    if os.environ.get("RANK", "0") == "0":
+        removed = remove_stale_temporaries(run_dir)
+        if removed:
+            print(f"{run_dir}: removed {len(removed)} temporary file(s) left by an interrupted run")
     try:
-        if args.resume is not None:
-            cfg = resume_config(args.resume, args.overrides)
-        else:
-            cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            return 0
         result = train(cfg, resume=args.resume is not None)
-    except ValueError as exc:
-        print(f"nlsr train: error: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:
+        raise _stopped(exc, run_dir) from exc
     if result.interrupted:
         return 130
     if os.environ.get("RANK", "0") == "0":
@@ -92,3 +102,20 @@ def _run(args: argparse.Namespace) -> int:
             if path is not None:
                 print(f"{label}: {path}")
     return 0
+
+
+def _stopped(exc: OSError, run_dir: Path) -> OSError:
+    """``exc`` with what became of the run: training stopped, the last checkpoint (written
+    atomically, so never torn) and how to continue."""
+    from nlsr.train.loop import CHECKPOINT_FILE
+
+    reason = exc.strerror or str(exc)
+    checkpoint = run_dir / CHECKPOINT_FILE
+    resume = f"fix this, then `nlsr train --resume {run_dir}`"
+    if checkpoint.is_file() and exc.filename is not None and Path(exc.filename) == checkpoint:
+        note = f"training stopped; the previous checkpoint is intact: {resume}"
+    elif checkpoint.is_file():
+        note = f"training stopped; {checkpoint} holds the last saved state: {resume}"
+    else:
+        note = "training stopped before its first checkpoint"
+    return OSError(exc.errno, f"{reason}; {note}", exc.filename)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -24,6 +25,11 @@ import yaml
 from nlsr.atomic import atomic_write
 
 DEGRADATIONS = ("BI", "BD", "DN")
+#: Largest config file read, in bytes (configs are a few kilobytes).
+MAX_CONFIG_BYTES = 1 << 20
+#: Most values (mappings, lists and scalars, every use of an alias counted) a YAML config or
+#: override may expand to: a "billion laughs" alias bomb is refused before it is built.
+MAX_YAML_VALUES = 100_000
 #: option names of ``model`` that are not constructor options
 _MODEL_KEYS = ("arch", "scale", "options")
 
@@ -156,25 +162,86 @@ def _suggest(name: str, choices: Sequence[str]) -> str:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a ``.yaml``/``.yml`` or ``.toml`` file into a dict (not yet validated)."""
+    """Parse a ``.yaml``/``.yml`` or ``.toml`` file into a dict (not yet validated).
+
+    Files above :data:`MAX_CONFIG_BYTES` and YAML expanding to more than
+    :data:`MAX_YAML_VALUES` values (alias bombs) are refused."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml"):
+        raise ConfigError(f"{path}: config must be .yaml, .yml or .toml, got {suffix!r}")
+    text = _read_text(path)
     try:
-        if suffix in (".yaml", ".yml"):
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        elif suffix == ".toml":
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        else:
-            raise ConfigError(f"{path}: config must be .yaml, .yml or .toml, got {suffix!r}")
+        raw = tomllib.loads(text) if suffix == ".toml" else load_yaml(text, str(path))
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot parse: {exc}") from exc
+        raise ConfigError(f"{path}: cannot parse: {' '.join(str(exc).split())}") from exc
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return raw
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; not a training config"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, refusing documents that expand to more than
+    :data:`MAX_YAML_VALUES` values (aliases count at every use: "billion laughs"), recursive
+    aliases and very deep nesting, before anything is built; ``source`` names the text."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_values(node, {}, set(), source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _count_values(node: yaml.Node, sizes: dict[int, int], open_: set[int], source: str) -> int:
+    """Number of values ``node`` expands to (each alias as a full copy of its anchor)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise ConfigError(f"{source}: YAML alias refers to itself (recursive structure)")
+    open_.add(key)
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total += _count_values(child, sizes, open_, source)
+        if total > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{source}: YAML expands to more than {MAX_YAML_VALUES} values through its "
+                "aliases (an alias bomb?); refused"
+            )
+    open_.discard(key)
+    sizes[key] = total
+    return total
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -191,9 +258,10 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
                 f"override {item!r}: must look like key=value, e.g. train.iterations=2000"
             )
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text, f"override {item!r}")
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: cannot parse the value: {exc}") from exc
+            reason = " ".join(str(exc).split())
+            raise ConfigError(f"override {item!r}: cannot parse the value: {reason}") from exc
         parts = key.split(".")
         if any(not p for p in parts):
             raise ConfigError(f"override {item!r}: empty component in key {key!r}")
@@ -346,6 +414,7 @@ def _validate(cfg: TrainConfig, source: str) -> None:
                 f"{source}: unknown option model.options.{key} for {m.arch}"
                 f"{_suggest(key, allowed)}; allowed: {', '.join(allowed)}"
             )
+    _check_model_options(m, options(m.arch), source)
     _check_range(
         len(d.train_dirs) > 0, "data.train_dirs", "needs at least one folder", d.train_dirs, source
     )
@@ -454,6 +523,67 @@ def _validate(cfg: TrainConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: optim.lr, optim.eps, optim.gamma and data.noise_sigma must be finite"
         )
+
+
+def _check_model_options(m: ModelSection, defaults: dict[str, Any], source: str) -> None:
+    """Each option of the type of its default (integers are counts and sizes, >= 1; numbers
+    finite), then the network built with them on the meta device (no memory, no time), so
+    that a value the network refuses is reported before a run folder is made."""
+    for key, value in m.options.items():
+        default = defaults[key]
+        where = f"{source}: model.options.{key}"
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: must be true/false, got {value!r}")
+        elif isinstance(default, int):
+            if isinstance(value, float) and value.is_integer():  # 1e3 in YAML
+                value = m.options[key] = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{where}: must be a positive integer, got {value!r}")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{where}: must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: must be finite, got {value!r}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string, got {value!r}")
+    _check_buildable(m, source)
+
+
+def _check_buildable(m: ModelSection, source: str) -> None:
+    import torch
+
+    from nlsr.models import create
+
+    try:
+        with torch.device("meta"):
+            create(m.arch, m.scale, **m.options)
+        return
+    except Exception:  # tried again on the CPU below, which has every operation
+        pass
+    try:
+        create(m.arch, m.scale, **m.options)
+    except Exception as exc:  # the networks' own checks raise various types
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(
+            f"{source}: model: cannot build {m.arch} x{m.scale} with options {m.options}: {reason}"
+        ) from exc
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Raise ConfigError unless ``run_dir`` is a folder, or can be made one, that this process
+    can write to (checked before training starts, so that no work is lost)."""
+    path = Path(run_dir)
+    existing = path
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == path:
+            raise ConfigError(f"run_dir: {path} is a file, not a folder")
+        raise ConfigError(f"run_dir: {path} cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created in {existing}"
+        raise ConfigError(f"run_dir: {path} {what} (permission denied or read-only)")
 
 
 def _absolute(path: str | None) -> str | None:

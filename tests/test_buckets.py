@@ -368,8 +368,8 @@ def test_auto_on_cpu_is_the_blocked_path():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("backend", "rounds"), [("blocked", 1), ("blocked", 2), ("sdpa", 1)])
 def test_half_precision_on_cpu(dtype, backend, rounds):
-    """Half-precision inputs work on both paths and stay close to the float64 result; the
-    blocked path computes (and returns) float32, SDPA keeps the input dtype."""
+    """Half-precision inputs work on both paths and stay close to the float64 result: both
+    compute (and return) float32, as under autocast; gradients come back in the input dtype."""
     g = torch.Generator().manual_seed(13)
     q = torch.randn(2, 37, 5, generator=g, dtype=torch.float64)
     v = torch.randn(2, 37, 3, generator=g, dtype=torch.float64)
@@ -378,7 +378,7 @@ def test_half_precision_on_cpu(dtype, backend, rounds):
     want, want_grads = _output_and_grads("blocked", q, v, codes, 8, bias)
     half = [t.to(dtype) for t in (q, v, bias)]
     got, got_grads = _output_and_grads(backend, half[0], half[1], codes, 8, half[2])
-    assert got.dtype == (torch.float32 if backend == "blocked" else dtype)
+    assert got.dtype == torch.float32
     assert all(t.dtype == dtype for t in got_grads)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-2)
     for a, b in zip(got_grads, want_grads, strict=True):

@@ -35,6 +35,7 @@ from nlsr.pretrained import (
     install,
     load_pretrained,
     read_manifest,
+    record_choice,
     set_scores,
 )
 from nlsr.resize import imresize
@@ -237,6 +238,20 @@ def test_default_model_ranks_by_measured_set5(tmp_path: Path, shipped: dict) -> 
         install(renewed, "edsr", weights_dir=folder)
 
 
+def test_record_choice_sets_the_option_and_keeps_its_evidence(shipped: dict) -> None:
+    evidence = {"rule": "fewest within 0.02 dB", "measured": [{"rounds": 1, "Set5": [30.0, 0.9]}]}
+    record_choice(NAME, 2, "res_scale", 0.5, evidence)
+    set_scores(NAME, 2, {"Set5": 31.0})  # rewriting the manifest keeps the choice
+    w = read_manifest()[NAME][2]
+    assert w.options["res_scale"] == 0.5
+    assert w.choices == {"res_scale": {"value": 0.5, **evidence}}
+    assert load_pretrained(NAME, 2).nlsr_config["options"]["res_scale"] == 0.5
+    assert read_manifest()[NAME][3].choices == {}
+    edit_manifest(lambda raw: raw["models"][NAME]["scales"]["2"].update(choices=[1]))
+    with pytest.raises(PretrainedError, match="choices: must be an object"):
+        read_manifest()
+
+
 # ---------------------------------------------------------------------------- create()
 
 
@@ -367,7 +382,7 @@ def test_eval_model_name_loads_shipped_weights(
         assert r["psnr"] == pytest.approx(direct.psnr, abs=1e-9)
         assert r["ssim"] == pytest.approx(direct.ssim, abs=1e-9)
     capsys.readouterr()
-    assert eval_json(tmp_path, toy_root, "--model", NAME, "--scale", "4")[0] == 1
+    assert eval_json(tmp_path, toy_root, "--model", NAME, "--scale", "4")[0] == 2  # usage
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no x4 weights; shipped: nlsr-test-s (x2, x3)" in err
     assert eval_json(tmp_path, toy_root, "--model", NAME, "--scale", "2", "--weights", "x.pt")[0]

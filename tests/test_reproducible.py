@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from nlsr.evaluation import evaluate
 from nlsr.inference import forward
 from nlsr.models import create
 from nlsr.pretrained import WEIGHTS_ENV
+from nlsr.train import parse_config, train
 from nlsr.train import state as train_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,6 +234,10 @@ def _config(image_dir: Path, run_dir: Path, arch: str) -> dict:
     }
 
 
+#: Every architecture, and DLSN trained under CPU bf16 autocast.
+RESUME_CASES = [*sorted(TINY), "dlsn+amp"]
+
+
 @pytest.fixture(scope="module")
 def train_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("train_hr")
@@ -241,16 +247,19 @@ def train_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", sorted(TINY))
+@pytest.mark.parametrize("arch", RESUME_CASES)
 def test_sigkill_at_a_random_step_and_resume_is_bitwise_the_straight_run(
     arch: str, train_images: Path, tmp_path: Path
 ) -> None:
-    kill_at = int(np.random.default_rng(sorted(TINY).index(arch)).integers(4, 9))
+    """Every architecture, and DLSN under CPU bf16 autocast (``train.amp``)."""
+    kill_at = int(np.random.default_rng(RESUME_CASES.index(arch)).integers(4, 9))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     runs = {}
     for name in ("straight", "killed"):
         config = tmp_path / f"{name}.yaml"
-        config.write_text(yaml.safe_dump(_config(train_images, tmp_path / name, arch)))
+        raw = _config(train_images, tmp_path / name, arch.removesuffix("+amp"))
+        raw["train"]["amp"] = arch.endswith("+amp")
+        config.write_text(yaml.safe_dump(raw))
         script = tmp_path / "kill.py"
         script.write_text(_KILL_AT, encoding="utf-8")
         stop = kill_at if name == "killed" else -1
@@ -291,3 +300,48 @@ def test_sigkill_at_a_random_step_and_resume_is_bitwise_the_straight_run(
     for name in ("model", "ema"):
         for k, v in ca[name].items():
             assert torch.equal(v, cb[name][k]), (arch, name, k)
+
+
+def test_cpu_amp_trains_in_bf16(train_images: Path, tmp_path: Path) -> None:
+    """``train.amp`` on the CPU changes the numbers (bf16 convolutions) but not their quality."""
+    finals = {}
+    for amp in (False, True):
+        raw = _config(train_images, tmp_path / f"amp{amp}", "dlsn")
+        raw["train"].update(amp=amp, iterations=4, checkpoint_every=4)
+        result = train(parse_config(raw))
+        finals[amp] = load_file(result.run_dir / "final.safetensors")
+    differ = [k for k in finals[False] if not torch.equal(finals[False][k], finals[True][k])]
+    assert differ, "train.amp had no effect on the CPU"
+    for k in differ:
+        a, b = finals[False][k], finals[True][k]
+        assert float((a - b).norm()) <= 0.05 * float(a.norm()) + 1e-6, k
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_stops_with_a_checkpoint(
+    train_images: Path, tmp_path: Path
+) -> None:
+    """``timeout`` and job schedulers signal the whole group: loader workers must outlive it."""
+    raw = _config(train_images, tmp_path / "run", "edsr")
+    raw["data"]["workers"] = 2
+    raw["train"].update(iterations=100_000, log_every=1, checkpoint_every=100_000)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nlsr", "train", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and '"train"' in log.read_text()) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    assert train_state.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] >= 1

@@ -133,8 +133,9 @@ def forward(
     RNG): a fresh draw each call, as the authors' code does.
 
     ``precision="bf16"`` runs the model under bfloat16 autocast (convolutions in bfloat16, the
-    attention kernels kept in float32); meant for CUDA, where it is faster. Outputs then differ
-    from float32 by about a grey level: ``fp32`` (default) is what evaluation uses.
+    attention kernels kept in float32), on the CPU or CUDA, for every network. Outputs then
+    differ from float32 by about a grey level, more where a hashed position changes bucket
+    (docs/models.md): ``fp32`` (default) is what evaluation uses.
 
     Modes: the whole image; ``chop``: the authors' ``forward_chop`` (four overlapping quadrants,
     recursing while a quadrant has ``chop_min_size`` pixels or more, pasted without blending);
@@ -488,7 +489,15 @@ def upscale(
 
         alpha_up = imresize(alpha, output_shape=colour.shape[:2])
     if isinstance(image, Image):
-        return Image(colour, alpha_up, grayscale=gray, path=None)
+        # The colour profile and EXIF metadata go on to the output (written where formats allow).
+        return Image(
+            colour,
+            alpha_up,
+            grayscale=gray,
+            path=None,
+            icc_profile=image.icc_profile,
+            exif=image.exif,
+        )
     return _join(colour, alpha_up, gray, layout)
 
 

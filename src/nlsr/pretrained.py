@@ -12,12 +12,14 @@ Manifest layout (``format`` 1)::
         "arch": "dlsn", "description": "...",
         "scales": {"2": {"file": "nlsr-dlsn-s-x2.safetensors", "sha256": "<64 hex>",
                          "parameters": 399164, "options": {...},
-                         "scores": {"Set5": 37.2}, "training": {...}}}}}}
+                         "scores": {"Set5": 37.2}, "training": {...},
+                         "choices": {"n_hashes": {...}}}}}}}
 
 ``options`` are the constructor options the file is built with (also in its header);
 ``scores`` are measured benchmark PSNRs (dB; written by ``scripts/model_card.py``) that rank
 models for :func:`default_model`; ``training`` is the provenance (data, recipe, iterations,
-hardware, code version).
+hardware, code version); ``choices`` records how inference-only options (e.g. the hash rounds)
+were chosen: the value, the rule and the measurements behind it (:func:`record_choice`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class PretrainedWeights:
     description: str = ""
     scores: dict[str, float] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    choices: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the manifest
@@ -173,7 +176,13 @@ def _parse_entry(
     options = entry.get("options", {})
     training = entry.get("training", {})
     scores = entry.get("scores", {})
-    for key, value in (("options", options), ("training", training), ("scores", scores)):
+    choices = entry.get("choices", {})
+    for key, value in (
+        ("options", options),
+        ("training", training),
+        ("scores", scores),
+        ("choices", choices),
+    ):
         if not isinstance(value, dict):
             raise fail(key, "must be an object")
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in scores.values()):
@@ -189,6 +198,7 @@ def _parse_entry(
         description=description,
         scores={k: float(v) for k, v in scores.items()},
         training=dict(training),
+        choices=dict(choices),
     )
 
 
@@ -209,6 +219,7 @@ def _write_manifest(folder: Path, models: dict[str, dict[int, PretrainedWeights]
                     "options": w.options,
                     "scores": w.scores,
                     "training": w.training,
+                    **({"choices": w.choices} if w.choices else {}),
                 }
                 for s, w in sorted(scales.items())
             },
@@ -463,6 +474,30 @@ def set_scores(
     manifest = read_manifest(folder)
     old = pretrained_weights(name, scale, weights_dir=folder)
     new = replace(old, scores={k: float(v) for k, v in scores.items()})
+    manifest[name][scale] = new
+    _write_manifest(folder, manifest)
+    return new
+
+
+def record_choice(
+    name: str,
+    scale: int,
+    option: str,
+    value: Any,
+    evidence: Mapping[str, Any],
+    *,
+    weights_dir: str | Path | None = None,
+) -> PretrainedWeights:
+    """Set inference option ``option`` of a shipped model to ``value`` and record why
+    (``evidence``: the rule and the measurements) under the entry's ``choices``."""
+    folder = resolve_weights_dir(weights_dir)
+    manifest = read_manifest(folder)
+    old = pretrained_weights(name, scale, weights_dir=folder)
+    new = replace(
+        old,
+        options={**old.options, option: value},
+        choices={**old.choices, option: {"value": value, **evidence}},
+    )
     manifest[name][scale] = new
     _write_manifest(folder, manifest)
     return new

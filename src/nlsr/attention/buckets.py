@@ -620,6 +620,7 @@ def choose_backend(backend: str, queries: Tensor, rounds: int) -> str:
     return backend
 
 
+@in_float32
 def _sdpa_attention(
     queries: Tensor, values: Tensor, bias: Tensor | None, layout: BucketLayout, eps: float
 ) -> Tensor:

@@ -192,9 +192,11 @@ def _torch_settings(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.deterministic = prev_cudnn_det
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    # Ctrl-C is handled by the main process (which saves a checkpoint); workers keep quiet.
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # Ctrl-C and SIGTERM (which ``timeout`` and schedulers send to the whole process group) are
+    # handled by the main process, which saves a checkpoint; the workers must outlive it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Trainer:
@@ -507,7 +509,7 @@ class Trainer:
         cfg = self.cfg
         self.dist = D.setup(cfg.train.device)
         self.device = self.dist.device
-        self.use_amp = cfg.train.amp and self.device.type == "cuda"
+        self.use_amp = cfg.train.amp and self.device.type in ("cuda", "cpu")
         self.commit = git_commit()
         self.tb = None
         self.bar: tqdm | None = None
@@ -566,7 +568,7 @@ class Trainer:
             batch_sampler=sampler,
             num_workers=d.workers,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=_ignore_sigint if d.workers else None,
+            worker_init_fn=_ignore_stop_signals if d.workers else None,
             prefetch_factor=4 if d.workers else None,
             # Its own generator: iterating a DataLoader draws a base seed, which would otherwise
             # come from the global RNG that the hashing blocks draw from (and break exact resume).

@@ -84,8 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--precision",
         choices=("fp32", "bf16"),
         default="fp32",
-        help="bf16: bfloat16 autocast for the convolutions (faster on CUDA; about a "
-        "grey level from fp32); attention stays float32 (default fp32)",
+        help="bf16: bfloat16 autocast for the convolutions (faster on CUDA and on CPUs with "
+        "native bf16; about a grey level from fp32); attention stays float32 (default fp32)",
     )
     p.add_argument("--chop", action="store_true", help="the authors' quadrant chop (reproduction)")
     add_seed_option(p)

@@ -17,6 +17,7 @@ import yaml
 from conftest import BENCHMARK, require
 from PIL import Image as PILImage
 from safetensors.torch import load_file
+from test_train import _raw
 
 import nlsr
 from nlsr.cli import main
@@ -218,20 +219,14 @@ sys.exit(main(["train", "--config", sys.argv[1]]))
 
 
 def _config(image_dir: Path, run_dir: Path, arch: str) -> dict:
-    return {
-        "model": {"arch": arch, "scale": 2, "options": TINY[arch]},
-        "data": {"train_dirs": [str(image_dir)], "patch_size": 16, "batch_size": 2, "workers": 0},
-        "optim": {"lr": 1e-3, "milestones": [7], "ema": 0.9, "grad_clip": 1.0},
-        "train": {
-            "iterations": 10,
-            "threads": 1,
-            "deterministic": True,
-            "log_every": 2,
-            "checkpoint_every": 3,
-        },
-        "val": {"every": 0},
-        "run_dir": str(run_dir),
-    }
+    """test_train's tiny run for ``arch``: batch 2, 10 iterations, a checkpoint every 3."""
+    return _raw(
+        image_dir,
+        run_dir,
+        model={"arch": arch, "options": TINY[arch]},
+        data={"batch_size": 2},
+        train={"iterations": 10, "checkpoint_every": 3},
+    )
 
 
 #: Every architecture, and DLSN trained under CPU bf16 autocast.

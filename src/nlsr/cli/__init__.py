@@ -47,9 +47,6 @@ EXIT_CODES = {
     EXIT_BROKEN_PIPE: "stdout closed by its reader",
 }
 
-#: Largest seed ``--seed`` accepts (the seeds of ``nlsr.inference.forward`` are below 2**63).
-_SEED_LIMIT = 2**63
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump); sub-command parsers inherit it."""
@@ -89,14 +86,15 @@ def parse_seed(text: str) -> int | None:
     """``--seed`` value: an integer in [0, 2**63), or ``random`` -> None (a fresh draw)."""
     if text.strip().lower() == "random":
         return None
+    from nlsr.inference import check_seed  # the range forward() accepts
+
     try:
         value = int(text)
+        check_seed(value)
     except ValueError:
-        value = -1
-    if not 0 <= value < _SEED_LIMIT:
         raise argparse.ArgumentTypeError(
             f"expected an integer from 0 to 2**63-1, or 'random', got {text!r}"
-        )
+        ) from None
     return value
 
 
@@ -148,6 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             status, message = describe_error(exc)
             print(f"{prog}: error: {message}", file=sys.stderr)
             return status
+
+
+def print_load_notes(source: object, model: object) -> None:
+    """``SOURCE: note: ...`` on stderr for what :func:`nlsr.load` noted about a file (e.g.
+    weights stored in half precision)."""
+    for note in getattr(model, "nlsr_load_notes", []):
+        print(f"{source}: note: {note}", file=sys.stderr)
 
 
 def describe_error(exc: BaseException) -> tuple[int, str]:

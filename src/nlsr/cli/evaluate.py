@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from nlsr.atomic import atomic_write
-from nlsr.cli import add_seed_option
+from nlsr.cli import add_seed_option, print_load_notes
 
 _ROW = "{:<10} {:>5}  {:<8} {:>9} {:>8} {:>7} {:>8}"
 
@@ -171,8 +170,7 @@ def _models(args: argparse.Namespace) -> dict[int, Any]:
     from nlsr.checkpoint import load
 
     models = {s: load(args.weights, arch=name, scale=s) for s in args.scale}
-    for note in next(iter(models.values())).nlsr_load_notes:  # e.g. half-precision weights
-        print(f"{args.weights}: note: {note}", file=sys.stderr)
+    print_load_notes(args.weights, next(iter(models.values())))
     return models
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nlsr.cli import add_seed_option
+from nlsr.cli import add_seed_option, describe_error, print_load_notes
 
 #: Model used when neither --model nor --weights is given and nlsr ships no pretrained model
 #: for the scale (otherwise the best shipped one, ``nlsr.pretrained.default_model``).
@@ -203,7 +203,7 @@ def _process(
         tally.failed += 1
         return
     except (ValueError, OSError, RuntimeError) as e:
-        reason = _reason(e)
+        reason = describe_error(e)[1]  # "file: reason" for an OSError, as nlsr.cli.main says it
         if isinstance(e, RuntimeError) and "out of memory" in reason:
             reason = f"out of memory; try --tile 256 ({reason})"
         out.error(job.source, reason)
@@ -214,13 +214,6 @@ def _process(
     tally.megapixels += result.width * result.height / 1e6
     size = f"{image.width}x{image.height} -> {result.width}x{result.height}"
     out.line(f"{job.source} -> {job.target} ({size}, {seconds:.2f} s)")
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        name = "" if e.filename is None else f"{os.fsdecode(e.filename)}: "
-        return f"{name}{e.strerror}"
-    return str(e)
 
 
 def _summary(tally: _Tally, seconds: float, prefix: str = "") -> None:
@@ -296,8 +289,7 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         from nlsr.checkpoint import load
 
         model = load(args.weights, scale=args.scale)
-        for note in model.nlsr_load_notes:  # e.g. weights stored in half precision
-            print(f"{args.weights}: note: {note}", file=sys.stderr)
+        print_load_notes(args.weights, model)
     else:
         from nlsr.models import available, create
         from nlsr.pretrained import available_pretrained, default_model, load_pretrained

@@ -165,8 +165,8 @@ def cached_scores(run_dir: Path, args: argparse.Namespace) -> dict[str, Any] | N
 
 def score_variant(name: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """PSNR/SSIM of the variant's EMA weights on SETS (cached, see :func:`cached_scores`)."""
-    from nlsr.checkpoint import load
     from nlsr.evaluation import evaluate
+    from nlsr.models import load
 
     cached = cached_scores(run_dir, args)
     if cached is not None:

@@ -420,7 +420,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_sdpa(ctx: Context) -> dict[str, Any]:
-    from nlsr.attention import buckets, create_attention
+    from nlsr.attention import backends, create_attention
 
     channels = 16 if ctx.quick else 64
     side = 12 if ctx.quick else 48
@@ -521,7 +521,7 @@ def check_sdpa(ctx: Context) -> dict[str, Any]:
         rows[name] = row
     return {
         "passed": verdict(rows),
-        "auto_backend_on_this_device": buckets.choose_backend(
+        "auto_backend_on_this_device": backends.choose_backend(
             "auto", torch.empty(1, device=ctx.device), 1
         ),
         "channels": channels,

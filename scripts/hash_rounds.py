@@ -8,7 +8,7 @@ For each scale and number of hash rounds it prints the PSNR/SSIM that ``nlsr eva
 seed, whole images) on the sets, and the CPU seconds per output megapixel of one forward pass of
 the bundled sample (median of ``--repeat`` runs, the round counts interleaved). The rounds are
 not part of the weights (training used 1). ``--record`` writes the choice into the manifest
-(options and ``choices``, :func:`nlsr.pretrained.record_choice`): per scale, the fewest rounds
+(options and ``choices``, :func:`nlsr.train.publish.record_choice`): per scale, the fewest rounds
 whose PSNR, averaged over the sets, is within ``--tolerance`` dB of the best count's (default
 0.02 dB: the spread of Set5 x2 scores over hash seeds 0-3). ``--from-json`` takes the rows of an
 earlier ``--json`` instead of measuring again.
@@ -28,7 +28,7 @@ import nlsr
 from nlsr.evaluation import evaluate
 from nlsr.inference import forward, to_tensor
 from nlsr.io import read_image
-from nlsr.pretrained import record_choice
+from nlsr.train.publish import record_choice
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "src" / "nlsr" / "assets" / "sample.png"

@@ -7,7 +7,7 @@
 
 ``install`` adds exported weights of ``nlsr train`` to the package's weights folder
 (``src/nlsr/weights``; ``--weights-dir``/``$NLSR_WEIGHTS_DIR`` for another one) via
-``nlsr.pretrained.install``. ``card`` runs ``nlsr eval`` for every shipped scale of NAME next to
+``nlsr.train.publish.install``. ``card`` runs ``nlsr eval`` for every shipped scale of NAME next to
 bicubic on the benchmark sets, records the model's PSNRs in the manifest (they rank the default
 model), times CPU inference of the x2 model (seconds per output megapixel, median of 3 runs on a
 512x512 input) and rewrites the generated parts of the card between their markers.
@@ -97,7 +97,7 @@ def parse_weights(text: str) -> tuple[int, Path]:
 
 def cmd_install(args: argparse.Namespace) -> int:
     """Install each given file as NAME at its scale and print the manifest entries."""
-    from nlsr.pretrained import install
+    from nlsr.train.publish import install
 
     options = dict(args.option or [])
     for scale, path in sorted(args.weights):
@@ -143,9 +143,9 @@ def speed(name: str, weights_dir: Path | None) -> float:
     """Median seconds per output megapixel of ``nlsr.upscale`` with the x2 model on the CPU
     (one warm-up, then SPEED_RUNS timed runs on a 512x512 input)."""
     from nlsr.inference import upscale
-    from nlsr.pretrained import load_pretrained
+    from nlsr.models import resolve_model
 
-    model = load_pretrained(name, 2, weights_dir=weights_dir)
+    model = resolve_model(name, 2, weights_dir=weights_dir)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (SPEED_SIZE, SPEED_SIZE, 3), dtype=np.uint8)
     upscale(model, image[:64, :64], device="cpu")
@@ -312,7 +312,8 @@ def _reused(path: Path, shipped: dict, sets: tuple[str, ...]) -> Measured:
 
 def cmd_card(args: argparse.Namespace) -> int:
     """Evaluate, time, record the scores and rewrite the card."""
-    from nlsr.pretrained import pretrained_weights, read_manifest, set_scores
+    from nlsr.models.pretrained import pretrained_weights, read_manifest
+    from nlsr.train.publish import set_scores
 
     torch.set_num_threads(args.threads)
     manifest = read_manifest(args.weights_dir)

@@ -56,7 +56,7 @@ def _no_shipped_weights(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -
     """Every test sees an empty weights folder unless it chooses one: the defaults of ``nlsr
     upscale`` / ``nlsr eval`` (bicubic without shipped weights) do not depend on what the
     package ships. ``test_pretrained`` sets its own folder or the packaged one."""
-    from nlsr.pretrained import WEIGHTS_ENV
+    from nlsr.models.pretrained import WEIGHTS_ENV
 
     folder = tmp_path_factory.mktemp("no_weights")
     monkeypatch.setenv(WEIGHTS_ENV, str(folder))

@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from nlsr import bench
 from nlsr.attention import available_attention
+from nlsr.bench.measuring import BenchError, MemoryMeter, extrapolate, fit_exponent, measure
+from nlsr.bench.reporting import SCHEMA_VERSION, Row, Settings, parse_bytes
+from nlsr.bench.suite import (
+    PROBE_FROM,
+    SharedPatternAdapter,
+    build_model,
+    fit_rows,
+    run_suite,
+)
 from nlsr.cli import main
 
 MIB = 2**20
@@ -37,7 +45,7 @@ def _bench(options: str, *more: str | Path) -> int:
 def test_fit_exponent_recovers_a_power_law(exponent: float) -> None:
     positions = [48**2, 96**2, 192**2, 384**2]
     values = [3e-6 * p**exponent for p in positions]
-    assert bench.fit_exponent(positions, values) == pytest.approx(exponent, abs=1e-9)
+    assert fit_exponent(positions, values) == pytest.approx(exponent, abs=1e-9)
 
 
 def test_fit_exponent_is_the_least_squares_slope_under_noise() -> None:
@@ -46,7 +54,7 @@ def test_fit_exponent_is_the_least_squares_slope_under_noise() -> None:
     positions = [100, 1000, 10000, 100000]
     noise = [1.1, 1 / 1.1, 1 / 1.1, 1.1]  # symmetric: leaves the slope unchanged
     values = [p**1.3 * n for p, n in zip(positions, noise, strict=True)]
-    assert bench.fit_exponent(positions, values) == pytest.approx(1.3, abs=1e-9)
+    assert fit_exponent(positions, values) == pytest.approx(1.3, abs=1e-9)
     tilted = [p**1.3 * n for p, n in zip(positions, [0.9, 1.0, 1.0, 1.1], strict=True)]
     xs = [math.log(p) for p in positions]
     ys = [math.log(v) for v in tilted]
@@ -54,30 +62,30 @@ def test_fit_exponent_is_the_least_squares_slope_under_noise() -> None:
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
         (x - mx) ** 2 for x in xs
     )
-    assert bench.fit_exponent(positions, tilted) == pytest.approx(slope, rel=1e-12)
+    assert fit_exponent(positions, tilted) == pytest.approx(slope, rel=1e-12)
     assert slope > 1.3
 
 
 def test_fit_exponent_needs_two_distinct_points() -> None:
-    with pytest.raises(bench.BenchError):
-        bench.fit_exponent([100], [1.0])
-    with pytest.raises(bench.BenchError):
-        bench.fit_exponent([100, 100], [1.0, 2.0])
+    with pytest.raises(BenchError):
+        fit_exponent([100], [1.0])
+    with pytest.raises(BenchError):
+        fit_exponent([100, 100], [1.0, 2.0])
 
 
 def test_extrapolate_follows_the_last_slope_but_never_below_linear() -> None:
-    assert bench.extrapolate([], 10) is None
-    assert bench.extrapolate([(100, 1.0), (400, 16.0)], 1600) == pytest.approx(256.0)
+    assert extrapolate([], 10) is None
+    assert extrapolate([(100, 1.0), (400, 16.0)], 1600) == pytest.approx(256.0)
     # Sub-linear growth at small sizes (fixed overheads) is not trusted: at least linear.
-    assert bench.extrapolate([(100, 1.0), (400, 1.5)], 1600) == pytest.approx(6.0)
-    assert bench.extrapolate([(100, 2.0)], 300) == pytest.approx(6.0)
+    assert extrapolate([(100, 1.0), (400, 1.5)], 1600) == pytest.approx(6.0)
+    assert extrapolate([(100, 2.0)], 300) == pytest.approx(6.0)
 
 
 # ----------------------------------------------------------------------------- memory meter
 
 
 def test_memory_meter_sees_a_transient_allocation_of_known_size() -> None:
-    meter = bench.MemoryMeter("cpu")
+    meter = MemoryMeter("cpu")
     if meter.method == "unavailable":
         pytest.skip("no way to read this process's memory on this platform")
     size = 96 * MIB
@@ -93,7 +101,7 @@ def test_memory_meter_sees_a_transient_allocation_of_known_size() -> None:
 
 
 def test_memory_meter_sampling_fallback_sees_a_held_allocation() -> None:
-    meter = bench.MemoryMeter("cpu")
+    meter = MemoryMeter("cpu")
     if meter.method == "unavailable":
         pytest.skip("no way to read this process's memory on this platform")
     meter.method = "rss-sampling-1ms"
@@ -111,7 +119,7 @@ def test_measure_reports_every_run_and_the_peak() -> None:
     def fn() -> None:
         calls.append(torch.ones(32 * MIB // 4).sum())
 
-    timing = bench.measure(fn, repeat=3, warmup=2)
+    timing = measure(fn, repeat=3, warmup=2)
     assert len(calls) == 2 + 1 + 3  # warm-up, memory-tracked run, timed runs
     assert len(timing.times_s) == len(timing.cpu_times_s) == 3
     assert timing.median_s == sorted(timing.times_s)[1]
@@ -130,7 +138,7 @@ def test_tiny_run_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     )
     assert status == 0
     report = json.loads(out.read_text())
-    assert report["schema"] == bench.SCHEMA_VERSION
+    assert report["schema"] == SCHEMA_VERSION
     env = report["environment"]
     for key in ("device", "device_name", "torch", "threads", "memory_method", "created"):
         assert key in env
@@ -154,10 +162,10 @@ def test_tiny_run_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_sizes_beyond_the_limits_are_skipped_with_a_note() -> None:
-    settings = bench.Settings(
+    settings = Settings(
         blocks=[_block()], sizes=[16, 8], channels=8, modes=["infer"], repeat=1, max_seconds=1e-9
     )
-    report = bench.run_suite(settings)
+    report = run_suite(settings)
     first, second = report.rows
     assert (first.size, first.status) == (8, "ok")
     assert (second.size, second.status) == (16, "skipped")
@@ -176,12 +184,12 @@ class _Broken(torch.nn.Module):
 def test_a_failing_block_is_reported_and_larger_sizes_skipped(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import nlsr.attention
+    import nlsr.attention.registry
 
     available_attention()  # register the real blocks first
-    monkeypatch.setitem(nlsr.attention._BLOCKS, "broken", _Broken)
-    report = bench.run_suite(
-        bench.Settings(blocks=["broken"], sizes=[8, 16], channels=4, modes=["infer"], repeat=1)
+    monkeypatch.setitem(nlsr.attention.registry._BLOCKS, "broken", _Broken)
+    report = run_suite(
+        Settings(blocks=["broken"], sizes=[8, 16], channels=4, modes=["infer"], repeat=1)
     )
     first, second = report.rows
     assert first.status == "error" and first.note == "RuntimeError: boom"
@@ -191,23 +199,23 @@ def test_a_failing_block_is_reported_and_larger_sizes_skipped(
 
 
 def test_a_large_first_size_is_probed_before_it_runs() -> None:
-    settings = bench.Settings(
+    settings = Settings(
         blocks=[_block()],
-        sizes=[bench.PROBE_FROM],
+        sizes=[PROBE_FROM],
         channels=8,
         modes=["infer"],
         repeat=1,
         max_seconds=1e-9,
     )
-    (row,) = bench.run_suite(settings).rows
-    side = bench.PROBE_FROM
+    (row,) = run_suite(settings).rows
+    side = PROBE_FROM
     assert row.status == "skipped"
     assert f"(from sides {side // 8}, {side // 4})" in row.note
 
 
 def test_fits_come_from_the_measured_rows() -> None:
     rows = [
-        bench.Row(
+        Row(
             "block",
             "x",
             s,
@@ -220,22 +228,22 @@ def test_fits_come_from_the_measured_rows() -> None:
         )
         for s in (48, 96, 192)
     ]
-    fits = {f.metric: f for f in bench.fit_rows(rows, (96, 384))}
+    fits = {f.metric: f for f in fit_rows(rows, (96, 384))}
     assert fits["time"].exponent == pytest.approx(1.5)
     assert fits["memory"].exponent == pytest.approx(1.0)
     assert fits["time"].sizes == [96, 192]
 
 
 def test_dense_attention_can_replace_a_networks_own() -> None:
-    from nlsr.models import available
+    from nlsr.models import available, small_config
 
     if "lcoan" not in available() or "nla" not in available_attention():
         pytest.skip("needs the lcoan network and the nla block")
-    model = bench.build_model("lcoan+nla", scale=2, config="small")
+    model = build_model("lcoan+nla", scale=2, config="small")
     names = {type(m).__name__ for m in model.modules()}
     assert "LCoA" not in names
-    adapters = [m for m in model.modules() if isinstance(m, bench.SharedPatternAdapter)]
-    assert len(adapters) == bench.SMALL_CONFIGS["lcoan"]["n_resgroups"]
+    adapters = [m for m in model.modules() if isinstance(m, SharedPatternAdapter)]
+    assert len(adapters) == small_config("lcoan")["n_resgroups"]
     with torch.inference_mode():
         assert model.eval()(torch.rand(1, 3, 10, 12)).shape == (1, 3, 20, 24)
 
@@ -260,9 +268,9 @@ def test_bad_options_fail_with_a_message(
 
 
 def test_parse_bytes() -> None:
-    assert bench.parse_bytes("4G") == 4 * 2**30
-    assert bench.parse_bytes("512MiB") == 512 * MIB
-    assert bench.parse_bytes("1000") == 1000
+    assert parse_bytes("4G") == 4 * 2**30
+    assert parse_bytes("512MiB") == 512 * MIB
+    assert parse_bytes("1000") == 1000
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(
@@ -344,3 +352,12 @@ def test_saved_results_are_merged_and_reprinted(tmp_path: Path, capsys) -> None:
     (tmp_path / "bad.json").write_text("{}")
     assert main(["bench", "--from-json", str(tmp_path / "bad.json")]) == 2
     assert "bad.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["both", "infer,train", "train"])
+def test_mode_option_names_the_measured_modes(mode: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    options = f"--blocks resblock --sizes 8 --repeat 1 --warmup 0 --channels 4 --mode {mode}"
+    assert _bench(f"{options} --quiet --json", out) == 0
+    measured = [row["mode"] for row in json.loads(out.read_text())["rows"]]
+    assert measured == (["infer", "train"] if mode != "train" else ["train"])

@@ -1,4 +1,5 @@
-"""Bucketed attention (nlsr.attention.buckets) against a naive per-round, per-query reference."""
+"""Bucketed attention (nlsr.attention.buckets, .backends, .lcoa_pattern, .hashing) against a
+naive per-round, per-query reference."""
 
 from __future__ import annotations
 
@@ -7,48 +8,13 @@ import math
 import pytest
 import torch
 
-from nlsr.attention import buckets
-from nlsr.attention.buckets import (
-    KeyBiasMLP,
-    apply_pattern,
-    attention_pattern,
-    bucket_attention,
-    bucket_count,
-    choose_backend,
-    effective_chunk,
-    hash_codes,
-    pad_order,
-    stable_sort,
-)
-
-
-def naive_bucket_attention(q, v, codes, chunk, bias=None, eps=5e-5):
-    """Explicit loops: Python-sorted rounds, tail padding, each chunk over [own, prev, next]."""
-    n, length, _ = q.shape
-    rounds = codes.shape[1]
-    out = torch.zeros(n, rounds, length, v.shape[-1], dtype=q.dtype)
-    lse = torch.zeros(n, rounds, length, dtype=q.dtype)
-    for b in range(n):
-        k = q[b] / q[b].norm(dim=-1, keepdim=True).clamp_min(eps)
-        for r in range(rounds):
-            order = sorted(range(length), key=lambda p: (int(codes[b, r, p]), p))
-            pad = (-length) % chunk
-            order = order + order[length - pad :]
-            chunks = [order[i : i + chunk] for i in range(0, len(order), chunk)]
-            nc = len(chunks)
-            for c_idx, members in enumerate(chunks):
-                keys = members + chunks[(c_idx - 1) % nc] + chunks[(c_idx + 1) % nc]
-                for slot, p in enumerate(members):
-                    if c_idx * chunk + slot >= length:  # padded copy of a query: dropped
-                        continue
-                    s = torch.stack([q[b, p] @ k[j] for j in keys])
-                    if bias is not None:
-                        s = s + torch.stack([bias[b, j, slot] for j in keys])
-                    lse[b, r, p] = torch.logsumexp(s, 0)
-                    w = torch.softmax(s, 0)
-                    out[b, r, p] = sum(w[t] * v[b, j] for t, j in enumerate(keys))
-    weights = torch.softmax(lse, dim=1).unsqueeze(-1)
-    return (out * weights).sum(1)
+from nlsr.attention import buckets, hashing
+from nlsr.attention.backends import bucket_attention, choose_backend
+from nlsr.attention.buckets import bucket_count, effective_chunk, pad_order, stable_sort
+from nlsr.attention.gla import KeyBiasMLP
+from nlsr.attention.hashing import hash_codes
+from nlsr.attention.lcoa_pattern import apply_pattern, attention_pattern
+from nlsr.attention.reference import naive_bucket_attention
 
 
 @pytest.mark.parametrize(
@@ -276,7 +242,7 @@ def test_hash_codes_equal_released_argmax(monkeypatch, signed):
     want = rotated.argmax(dim=-1)
     assert torch.equal(hash_codes(x, w, signed), want)
     assert (want[0, :, :7] == 0).all()
-    monkeypatch.setattr(buckets, "BLOCK_ELEMENTS", 16)  # blocks of one position
+    monkeypatch.setattr(hashing, "BLOCK_ELEMENTS", 16)  # blocks of one position
     assert torch.equal(hash_codes(x, w, signed), want)
 
 

@@ -1,5 +1,6 @@
-"""nlsr.checkpoint: reading (authors' .pt, BasicSR, DataParallel, nlsr safetensors), detection,
-strict loading with explanatory errors, saving, refusal of pickled objects, ``nlsr convert``."""
+"""Checkpoints: reading (authors' .pt, BasicSR, DataParallel, nlsr safetensors; nlsr.checkpoint),
+detection, strict loading with explanatory errors and saving (nlsr.models), refusal of pickled
+objects, ``nlsr convert``."""
 
 from __future__ import annotations
 
@@ -15,18 +16,9 @@ from PIL import Image as PILImage
 from test_models_common import SMALL, small
 
 import nlsr
-from nlsr.checkpoint import (
-    MAX_BLOCKS_ENV,
-    MAX_PARAMETERS_ENV,
-    OPTION_RULES,
-    CheckpointError,
-    check_options,
-    detect,
-    load,
-    read_state_dict,
-    save,
-)
+from nlsr.checkpoint import MAX_BLOCKS_ENV, MAX_PARAMETERS_ENV, CheckpointError, read_state_dict
 from nlsr.cli import main
+from nlsr.models import OPTION_RULES, check_options, detect, load, resolve_model, save
 
 CASES = sorted(p.parent.name for p in FIXTURES.glob("*/case.json")) if FIXTURES.is_dir() else []
 #: case.json "inferable" entries that are not constructor options nlsr reads back.
@@ -129,7 +121,7 @@ def test_plain_safetensors_state_dict_is_detected(tmp_path: Path) -> None:
     _, config = read_state_dict(tmp_path / "w.safetensors")
     assert config is None
     loaded = load(tmp_path / "w.safetensors")
-    assert loaded.nlsr_config["arch"] == "rcan" and loaded.scale == 3
+    assert resolve_model(loaded).arch == "rcan" and loaded.scale == 3
     x = torch.rand(1, 3, 4, 4)
     assert torch.equal(_forward(loaded, x), _forward(model.eval(), x))
 
@@ -264,7 +256,7 @@ def test_round_trip_small_models(tmp_path: Path) -> None:
             "trained_on": "noise"
         }
         loaded = load(path)
-        assert loaded.nlsr_metadata == {"trained_on": "noise"}
+        assert resolve_model(loaded).source.metadata == {"trained_on": "noise"}
         assert torch.equal(_forward(loaded, x), _forward(model, x))
         # explicit options still override the recorded ones, strictly
         with pytest.raises(CheckpointError, match="mis-shaped"):
@@ -279,7 +271,8 @@ def test_round_trip_fixtures(tmp_path: Path, name: str) -> None:
     original = nlsr.load(folder / "checkpoint.pt", **options)
     path = nlsr.save(original, tmp_path / "m.safetensors")
     again = nlsr.load(path)  # nothing given: the header records everything
-    assert again.nlsr_config == original.nlsr_config
+    first, second = resolve_model(original), resolve_model(again)
+    assert (second.arch, second.scale, second.options) == (first.arch, first.scale, first.options)
     for k, v in original.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
     x = torch.load(folder / "input.pt", weights_only=True)
@@ -340,7 +333,7 @@ def _nlsr_file(path: Path, sd: dict[str, torch.Tensor], arch: str, options: Any)
 def test_every_model_option_has_a_rule() -> None:
     for arch in nlsr.models.available():
         missing = set(nlsr.models.options(arch)) - set(OPTION_RULES)
-        assert not missing, f"{arch}: add rules for {missing} to nlsr.checkpoint.OPTION_RULES"
+        assert not missing, f"{arch}: add rules for {missing} to nlsr.models.OPTION_RULES"
 
 
 @pytest.mark.parametrize(
@@ -444,11 +437,11 @@ def test_dtype_conversions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         loaded = load(low)
         assert all(v.dtype == torch.float32 for v in loaded.state_dict().values())
         assert torch.equal(loaded.head[0].weight, low["head.0.weight"].float())
-        assert loaded.nlsr_load_notes == [
+        assert list(resolve_model(loaded).source.notes) == [
             f"{len(sd)} tensor(s) stored as {str(dtype).removeprefix('torch.')}, "
             f"{'rounded' if dtype == torch.float64 else 'converted exactly'} to the model's dtype"
         ]
-    assert load(sd).nlsr_load_notes == []
+    assert list(resolve_model(load(sd)).source.notes) == []
     assert torch.allclose(
         _forward(load({k: v.half() for k, v in sd.items()}), x), _forward(model, x), atol=1e-2
     )

@@ -243,7 +243,7 @@ def test_cli_table_and_json(toy_root: Path, tmp_path: Path, capsys: pytest.Captu
 
 def test_cli_weights_file(toy_root: Path, tmp_path: Path) -> None:
     """``--weights`` loads the checkpoint for each scale and scores it like evaluate() does."""
-    from nlsr.checkpoint import save
+    from nlsr.models import save
 
     torch.manual_seed(0)
     model = create("edsr", 2, n_resblocks=1, n_feats=8)
@@ -256,6 +256,33 @@ def test_cli_weights_file(toy_root: Path, tmp_path: Path) -> None:
     assert result["model"] == "edsr"
     assert result["psnr"] == pytest.approx(direct.psnr, abs=1e-9)
     assert result["ssim"] == pytest.approx(direct.ssim, abs=1e-9)
+
+
+def test_cli_precision_bf16_scores_bf16_outputs(toy_root: Path, tmp_path: Path) -> None:
+    """``--precision bf16`` scores what the network gives under bfloat16 autocast, computed
+    here directly, and records the precision; float32 stays the default."""
+    from nlsr.inference import to_array, to_tensor
+    from nlsr.models import save
+
+    torch.manual_seed(0)
+    model = create("edsr", 2, n_resblocks=1, n_feats=8).eval()
+    weights = save(model, tmp_path / "tiny.safetensors")
+    out = tmp_path / "res.json"
+    argv = ["eval", "--weights", str(weights), "--data", "Toy", "--scale", "2"]
+    assert (
+        main([*argv, "--data-root", str(toy_root), "--json", str(out), "--precision", "bf16"]) == 0
+    )
+    (result,) = json.loads(out.read_text())["results"]
+    expected = []
+    for hr_path in benchmark_images("Toy", toy_root):
+        hr = modcrop(_pil_rgb(hr_path), 2)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            sr = to_array(model(to_tensor(degrade(hr, 2, "BI"))).float(), hr.dtype)
+        expected.append(psnr(sr, hr, 2))
+    assert result["precision"] == "bf16"
+    assert result["psnr"] == pytest.approx(sum(expected) / len(expected), abs=1e-9)
+    fp32 = evaluate(model, "Toy", 2, data_root=toy_root)
+    assert fp32.settings["precision"] == "fp32" and fp32.psnr != result["psnr"]
 
 
 @pytest.mark.parametrize(

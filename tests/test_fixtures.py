@@ -52,7 +52,7 @@ def test_official_parity(case_dir: Path, explicit_arch: bool) -> None:
         kwargs.update(arch=case["arch"], scale=case["scale"])
     model = nlsr.load(case_dir / "checkpoint.pt", **kwargs)
     assert not model.training
-    assert model.nlsr_config["arch"] == case["arch"]
+    assert nlsr.resolve_model(model).arch == case["arch"]
     assert model.scale == case["scale"]
     out = _run(model, case_dir)
     ref = _reference(case_dir)

@@ -20,7 +20,12 @@ from nlsr.attention.hspa import (
     sparsemax_threshold,
 )
 from nlsr.attention.nla import SparseRows, attend_blocked
-from nlsr.bench import released_sparsemax_threshold
+from nlsr.attention.reference import (
+    ReleasedHSPA,
+    naive_hspa,
+    naive_sparsemax,
+    released_sparsemax_threshold,
+)
 from nlsr.models import create
 
 
@@ -43,27 +48,6 @@ def loop_sparsemax(row: list[float]) -> list[float]:
             k, total = m, cumsum
     tau = (total - 1) / k
     return [max(v - tau, 0.0) for v in row]
-
-
-def naive_sparsemax(s: torch.Tensor) -> torch.Tensor:
-    """Differentiable dense sparsemax over the last axis (full sort, largest valid k)."""
-    z = s - s.max(dim=-1, keepdim=True).values
-    srt = z.sort(dim=-1, descending=True).values
-    cumsum = srt.cumsum(dim=-1)
-    m = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype)
-    k = ((1 + m * srt > cumsum) * m).amax(dim=-1, keepdim=True).long()
-    tau = (cumsum.gather(-1, k - 1) - 1) / k.to(z.dtype)
-    return torch.clamp(z - tau, min=0)
-
-
-def naive_hspa(module: HSPA, x: torch.Tensor) -> torch.Tensor:
-    """The released dense form: full L x L score matrix, sparsemax over keys, res_scale, skip."""
-    n, c, h, w = x.shape
-    theta = module.conv_match1(x).flatten(2).transpose(1, 2)
-    phi = module.conv_match2(x).flatten(2)
-    g = module.conv_assembly(x).flatten(2).transpose(1, 2)
-    weights = naive_sparsemax(theta @ phi)
-    return module.res_scale * (weights @ g).transpose(1, 2).reshape(n, c, h, w) + x
 
 
 # ---------------------------------------------------------------- sparsemax itself
@@ -353,8 +337,6 @@ def test_hspan_official_fixture(fixtures_dir: Path) -> None:
 def test_released_baseline_equals_the_block_with_gradients() -> None:
     """The benchmark's released-style HSPA (whole score matrix, topk-started search, analytic
     backward) and nlsr's blocked HSPA agree in output and every gradient."""
-    from nlsr.bench import ReleasedHSPA
-
     torch.manual_seed(0)
     block = create_attention("hspa", 8, topk=4, block_size=7).double()
     baseline = ReleasedHSPA(block)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from nlsr.attention import create_attention
 from nlsr.attention.lcoa import LCoA, kmeans_step
+from nlsr.attention.reference import naive_lcoa
 from nlsr.models import create
 from nlsr.models.lcoan import LCoAN
 
@@ -84,28 +85,6 @@ def test_kmeans_init_reproduces_released_centroids(fixtures_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- naive reference
-
-
-def naive_lcoa(q: torch.Tensor, v: torch.Tensor, codes: list[int], window: int) -> torch.Tensor:
-    """Per-query loop: stable sort by code, windows (tail-padded, or one window when L < w/2),
-    keys from the own/previous/next window, normalised keys, softmax."""
-    length = q.shape[0]
-    order = sorted(range(length), key=lambda i: (codes[i], i))
-    if 2 * length < window:
-        window = length
-    pad = (-length) % window
-    seq = order + order[length - pad :]
-    n_windows = len(seq) // window
-    out = torch.zeros_like(v)
-    for slot in range(length):
-        w = slot // window
-        keys = []
-        for ww in (w, (w - 1) % n_windows, (w + 1) % n_windows):
-            keys += seq[ww * window : (ww + 1) * window]
-        k = F.normalize(q[keys], dim=-1, eps=5e-5)
-        p = torch.softmax(k @ q[order[slot]], dim=0)
-        out[order[slot]] = p @ v[keys]
-    return out
 
 
 @pytest.mark.parametrize(("h", "w", "window"), [(7, 9, 16), (5, 5, 16), (3, 4, 32), (6, 6, 5)])

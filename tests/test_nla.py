@@ -7,6 +7,7 @@ import torch
 
 from nlsr.attention import create_attention
 from nlsr.attention.nla import NonLocalAttention, attend_blocked, auto_block_size
+from nlsr.attention.reference import naive_nla
 
 
 @pytest.fixture(autouse=True)
@@ -16,16 +17,6 @@ def _one_thread() -> object:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def naive_nla(module: NonLocalAttention, x: torch.Tensor) -> torch.Tensor:
-    """Full L x L embedded-Gaussian attention, softmax over keys, res_scale, skip."""
-    n, c, h, w = x.shape
-    theta = module.conv_match1(x).flatten(2).transpose(1, 2)
-    phi = module.conv_match2(x).flatten(2)
-    g = module.conv_assembly(x).flatten(2).transpose(1, 2)
-    weights = torch.softmax(theta @ phi, dim=-1)
-    return module.res_scale * (weights @ g).transpose(1, 2).reshape(n, c, h, w) + x
 
 
 @pytest.mark.parametrize(("h", "w", "block"), [(1, 1, 1), (5, 7, 4), (13, 200, 333), (64, 64, 500)])

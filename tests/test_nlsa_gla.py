@@ -13,7 +13,7 @@ from nlsr.attention import create_attention
 from nlsr.attention.buckets import bucket_count
 from nlsr.attention.gla import GlobalLearnableAttention
 from nlsr.attention.nlsa import NonLocalSparseAttention
-from nlsr.bench import ReleasedBucketAttention, released_baseline
+from nlsr.attention.reference import ReleasedBucketAttention, released_baseline
 
 HASHING = {"nlsn": NonLocalSparseAttention, "dlsn": GlobalLearnableAttention}
 
@@ -197,8 +197,9 @@ def test_training_step_lowers_loss_and_reaches_hashing_embedding(name):
     ("stable", "reference"), [(False, "output.pt"), (True, "output_stable_sort.pt")]
 )
 def test_released_baseline_reproduces_the_official_outputs(case, stable, reference):
-    """The benchmark's re-implementation of the released approach (nlsr.bench) computes what the
-    released code computed, even its as-run tie order with the default (unstable) sort."""
+    """The benchmark's re-implementation of the released approach (attention.reference)
+    computes what the released code computed, even its as-run tie order with the default
+    (unstable) sort."""
     folder, model, _ = _official_model(case)
     model = released_baseline(model)
     baselines = [m for m in model.modules() if isinstance(m, ReleasedBucketAttention)]
@@ -293,7 +294,7 @@ def test_gla_learnable_term_matches_fc_as_a_tensor(monkeypatch, grad):
         return [y.detach(), *torch.autograd.grad((y * weight).sum(), [xi, *block.parameters()])]
 
     monkeypatch.setattr(gla, "STORED_TERM_ELEMENTS", 0)  # never kept whole: recomputed
-    monkeypatch.setattr(buckets, "MLP_SLICE", 7)  # several slices per batch item
+    monkeypatch.setattr(gla, "MLP_SLICE", 7)  # several slices per batch item
     monkeypatch.setattr(buckets, "BLOCK_ELEMENTS", 3 * 6 * 6)  # one chunk per block
     parts = run()
     monkeypatch.setattr(  # the reference: nn.Sequential on the whole map, a tensor bias
@@ -314,7 +315,7 @@ def test_gla_keeps_a_small_learnable_term_whole_and_recomputes_a_large_one(monke
     """Training keeps ``fc(f)`` whole up to STORED_TERM_ELEMENTS values, beyond that hands it
     to the attention by its parts; inference always evaluates it (in slices)."""
     from nlsr.attention import gla
-    from nlsr.attention.buckets import KeyBiasMLP
+    from nlsr.attention.gla import KeyBiasMLP
 
     block = create_attention("gla", 8, chunk_size=6, n_hashes=1)
     x = torch.randn(2, 8, 5, 4)  # 2 x 20 positions x 6 slots = 240 values

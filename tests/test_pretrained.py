@@ -2,7 +2,7 @@
 and the default model of ``nlsr upscale`` / ``nlsr eval`` with and without a shipped model.
 
 Every test builds its own weights folder (tiny random networks installed with
-``nlsr.pretrained.install``) and points ``$NLSR_WEIGHTS_DIR`` at it, so nothing depends on what
+``nlsr.train.publish.install``) and points ``$NLSR_WEIGHTS_DIR`` at it, so nothing depends on what
 the package ships, except the last tests, which check the packaged manifest itself.
 """
 
@@ -19,26 +19,22 @@ import pytest
 import torch
 from PIL import Image
 
-from nlsr import pretrained
-from nlsr.checkpoint import read_state_dict, save
+from nlsr.checkpoint import read_state_dict
 from nlsr.cli import main
 from nlsr.evaluation import evaluate
 from nlsr.inference import upscale
 from nlsr.io import read_image, write_image
-from nlsr.models import create
-from nlsr.pretrained import (
+from nlsr.models import create, pretrained, resolve_model, save
+from nlsr.models.pretrained import (
     MANIFEST,
     WEIGHTS_ENV,
     PretrainedError,
     available_pretrained,
     default_model,
-    install,
-    load_pretrained,
     read_manifest,
-    record_choice,
-    set_scores,
 )
 from nlsr.resize import imresize
+from nlsr.train.publish import install, record_choice, set_scores
 
 NAME = "nlsr-test-s"
 #: Hand-written run provenance, as ``nlsr train`` puts it into its exports.
@@ -46,6 +42,8 @@ TRAINING = {
     "training": {
         "weights": "ema",
         "iterations": 1234,
+        "loss": "L1",
+        "optimizer": "Adam",
         "config": {
             "data": {"batch_size": 16, "patch_size": 96, "augment": True},
             "optim": {"lr": 1e-4, "milestones": [100, 200], "gamma": 0.5, "ema": 0.999},
@@ -119,6 +117,7 @@ def test_install_writes_a_verified_manifest(shipped: dict[int, torch.nn.Module])
         assert t["iterations"] == 1234 and t["weights"] == "ema"
         assert t["data"]["train_sets"] == ["T91", "BSD200"]
         assert t["recipe"]["milestones"] == [100, 200] and t["recipe"]["ema"] == 0.999
+        assert (t["recipe"]["loss"], t["recipe"]["optimizer"]) == ("L1", "Adam")
         # the header of the shipped file carries the same provenance, without local paths
         _, config = read_state_dict(folder / e["file"])
         assert config["arch"] == "edsr" and config["scale"] == s
@@ -129,10 +128,11 @@ def test_install_writes_a_verified_manifest(shipped: dict[int, torch.nn.Module])
     assert available_pretrained(3) == [NAME] and available_pretrained(4) == []
 
 
-def test_load_pretrained_returns_the_trained_weights(shipped: dict[int, torch.nn.Module]) -> None:
+def test_shipped_model_is_the_trained_weights(shipped: dict[int, torch.nn.Module]) -> None:
     for s, original in shipped.items():
-        model = load_pretrained(NAME, s)
-        assert not model.training and model.scale == s and model.nlsr_pretrained == NAME
+        found = resolve_model(NAME, s)
+        model = found.module
+        assert not model.training and model.scale == s and found.source.shipped == NAME
         expected = original.state_dict()
         got = model.state_dict()
         assert got.keys() == expected.keys()
@@ -145,14 +145,14 @@ def test_sha256_is_checked_on_load(shipped: dict[int, torch.nn.Module]) -> None:
     data[-3] ^= 0x01  # one bit of one weight
     file.write_bytes(bytes(data))
     with pytest.raises(PretrainedError, match=r"SHA-256 [0-9a-f]{64} does not match"):
-        load_pretrained(NAME, 2)
-    load_pretrained(NAME, 3)  # the other scale is intact
+        resolve_model(NAME, 2)
+    resolve_model(NAME, 3)  # the other scale is intact
 
 
 def test_missing_weight_file(shipped: dict[int, torch.nn.Module]) -> None:
     (manifest_path().parent / f"{NAME}-x3.safetensors").unlink()
     with pytest.raises(PretrainedError, match=r"x3\.safetensors: weight file .* is missing"):
-        load_pretrained(NAME, 3)
+        resolve_model(NAME, 3)
 
 
 def test_manifest_must_match_the_file(shipped: dict[int, torch.nn.Module]) -> None:
@@ -164,14 +164,14 @@ def test_manifest_must_match_the_file(shipped: dict[int, torch.nn.Module]) -> No
 
     edit_manifest(swap)
     with pytest.raises(PretrainedError, match="holds edsr x3, but the manifest lists edsr x2"):
-        load_pretrained(NAME, 2)
+        resolve_model(NAME, 2)
 
     def miscount(raw: dict) -> None:
         raw["models"][NAME]["scales"]["3"]["parameters"] += 1
 
     edit_manifest(miscount)
     with pytest.raises(PretrainedError, match="parameters, but the manifest states"):
-        load_pretrained(NAME, 3)
+        resolve_model(NAME, 3)
 
 
 @pytest.mark.parametrize(
@@ -212,11 +212,11 @@ def test_unknown_name_or_scale_lists_what_is_shipped(shipped: dict) -> None:
     with pytest.raises(
         PretrainedError, match=r"no pretrained model 'nope'.*nlsr-test-s \(x2, x3\)"
     ):
-        load_pretrained("nope", 2)
+        resolve_model("nope", 2)
     with pytest.raises(
         PretrainedError, match=r"has no x4 weights; shipped: nlsr-test-s \(x2, x3\)"
     ):
-        load_pretrained(NAME, 4)
+        resolve_model(NAME, 4)
 
 
 def test_default_model_ranks_by_measured_set5(tmp_path: Path, shipped: dict) -> None:
@@ -245,7 +245,7 @@ def test_record_choice_sets_the_option_and_keeps_its_evidence(shipped: dict) -> 
     w = read_manifest()[NAME][2]
     assert w.options["res_scale"] == 0.5
     assert w.choices == {"res_scale": {"value": 0.5, **evidence}}
-    assert load_pretrained(NAME, 2).nlsr_config["options"]["res_scale"] == 0.5
+    assert resolve_model(NAME, 2).options["res_scale"] == 0.5
     assert read_manifest()[NAME][3].choices == {}
     edit_manifest(lambda raw: raw["models"][NAME]["scales"]["2"].update(choices=[1]))
     with pytest.raises(PretrainedError, match="choices: must be an object"):
@@ -257,11 +257,12 @@ def test_record_choice_sets_the_option_and_keeps_its_evidence(shipped: dict) -> 
 
 def test_create_pretrained(shipped: dict[int, torch.nn.Module]) -> None:
     model = create(NAME, 3, pretrained=True)
-    assert model.nlsr_pretrained == NAME and model.scale == 3
+    assert resolve_model(model).source.shipped == NAME and model.scale == 3
     x = torch.rand(1, 3, 7, 9)
     with torch.no_grad():
         assert torch.equal(model(x), shipped[3].eval()(x))
-    assert create("edsr", 2, pretrained=True).nlsr_pretrained == NAME  # best edsr for x2
+    best = create("edsr", 2, pretrained=True)  # the best edsr for x2
+    assert resolve_model(best).source.shipped == NAME
     with pytest.raises(PretrainedError, match="no pretrained dlsn weights for x2"):
         create("dlsn", 2, pretrained=True)
     with pytest.raises(ValueError, match=r"options \(n_feats\) cannot be changed"):
@@ -284,8 +285,9 @@ def test_a_trained_dlsn_ships_with_inference_options(tmp_path: Path) -> None:
         hardware="2-core CPU",
     )
     assert entry.options["n_hashes"] == 3 and entry.training["hardware"] == "2-core CPU"
-    loaded = load_pretrained("nlsr-dlsn-t", 2, weights_dir=tmp_path / "w")
-    assert loaded.nlsr_config["options"]["n_hashes"] == 3
+    found = resolve_model("nlsr-dlsn-t", 2, weights_dir=tmp_path / "w")
+    loaded = found.module
+    assert found.options["n_hashes"] == 3
     assert all(b.n_hashes == 3 for b in loaded.modules() if hasattr(b, "n_hashes"))
     state = model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
@@ -430,7 +432,7 @@ def test_packaged_manifest_is_valid_and_its_weights_load(monkeypatch: pytest.Mon
     for name, scales in manifest.items():
         for scale, w in scales.items():
             total += w.file.stat().st_size
-            model = load_pretrained(name, scale)
+            model = resolve_model(name, scale).module
             assert model.scale == scale
     assert total <= 20_000_000  # every shipped scale together
 

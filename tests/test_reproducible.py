@@ -24,7 +24,7 @@ from nlsr.cli import main
 from nlsr.evaluation import evaluate
 from nlsr.inference import forward
 from nlsr.models import create
-from nlsr.pretrained import WEIGHTS_ENV
+from nlsr.models.pretrained import WEIGHTS_ENV
 from nlsr.train import parse_config, train
 from nlsr.train import state as train_state
 

@@ -469,7 +469,7 @@ def test_sigkill_sigint_and_resume_end_bitwise_equal(tmp_path: Path, image_dir: 
 
 
 def test_loss_decreases_and_exports_carry_provenance(tmp_path: Path, image_dir: Path) -> None:
-    from nlsr.checkpoint import load
+    from nlsr.models import load
 
     raw = _raw(
         image_dir,
@@ -500,9 +500,8 @@ def test_loss_decreases_and_exports_carry_provenance(tmp_path: Path, image_dir: 
 
 
 def test_finetune_loads_everything_but_the_upsampler(tmp_path: Path, image_dir: Path) -> None:
-    from nlsr.checkpoint import save
-    from nlsr.models import create
-    from nlsr.train.loop import _load_initial_weights
+    from nlsr.models import create, save
+    from nlsr.train.weights import load_initial_weights
 
     torch.manual_seed(1)
     x2 = create("edsr", 2, **TINY)
@@ -518,7 +517,7 @@ def test_finetune_loads_everything_but_the_upsampler(tmp_path: Path, image_dir: 
     )
     x3 = create("edsr", 3, **TINY)
     fresh = {k: v.clone() for k, v in x3.state_dict().items()}
-    _load_initial_weights(x3, cfg)
+    load_initial_weights(x3, cfg)
     for k, v in x3.state_dict().items():
         expected = fresh[k] if k.startswith("tail.0.") else x2.state_dict()[k]
         assert torch.equal(v, expected), k
@@ -532,12 +531,12 @@ def test_finetune_loads_everything_but_the_upsampler(tmp_path: Path, image_dir: 
         )
     )
     with pytest.raises(ConfigError, match=r"train\.warm_start"):
-        _load_initial_weights(create("edsr", 3, **TINY), warm)
+        load_initial_weights(create("edsr", 3, **TINY), warm)
 
 
 def test_validation_tracks_the_best_weights(tmp_path: Path, image_dir: Path) -> None:
-    from nlsr.checkpoint import load
     from nlsr.evaluation import evaluate
+    from nlsr.models import load
 
     rng = np.random.default_rng(1)
     bench = tmp_path / "bench"
@@ -566,7 +565,7 @@ def test_validation_tracks_the_best_weights(tmp_path: Path, image_dir: Path) -> 
 
 
 def test_ema_decay_is_warmed_up() -> None:
-    from nlsr.train.loop import ModelEMA
+    from nlsr.train.ema import ModelEMA
 
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
@@ -598,3 +597,23 @@ def test_cosine_schedule_anneals_to_min_lr(tmp_path: Path, image_dir: Path) -> N
         assert lr == pytest.approx(expected, rel=1e-6, abs=1e-12)
     with pytest.raises(ConfigError, match=r"optim\.schedule"):
         parse_config(_raw(image_dir, tmp_path / "r2", optim={"schedule": "linear"}))
+
+
+def test_amp_by_default_where_bf16_is_native(tmp_path: Path, image_dir: Path) -> None:
+    """``train.amp`` null (the default) is bf16 autocast exactly where the CPU has native bf16
+    (its /proc/cpuinfo flags, where Linux gives them); true/false are taken as given. The start
+    event records the choice; channels-last is on by default."""
+    from nlsr.inference import native_bf16
+
+    cpu = torch.device("cpu")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = set(cpuinfo.read_text(encoding="utf-8").split())
+        assert native_bf16(cpu) == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert native_bf16(torch.device("meta")) is False
+    for amp, expected in ((None, native_bf16(cpu)), (False, False), (True, True)):
+        settings = {"iterations": 2} if amp is None else {"iterations": 2, "amp": amp}
+        run = tmp_path / f"amp-{amp}"
+        train(parse_config(_raw(image_dir, run, train=settings)))
+        (start,) = _events(run, "start")
+        assert (start["amp"], start["channels_last"]) == (expected, True)

@@ -20,8 +20,9 @@ _EXPORTS = {
     "write_image": "nlsr.io",
     "upscale": "nlsr.inference",
     "evaluate": "nlsr.evaluation",
-    "load": "nlsr.checkpoint",
-    "save": "nlsr.checkpoint",
+    "load": "nlsr.models",
+    "save": "nlsr.models",
+    "resolve_model": "nlsr.models",
 }
 _SUBMODULES = ("attention", "data", "metrics", "models")
 

@@ -21,6 +21,8 @@ from nlsr.data import DatasetError, benchmark_images, official_lr_path
 from nlsr.inference import DEFAULT_SEED, check_seed, forward, select_device, to_array, to_tensor
 from nlsr.io import read_image, write_image
 from nlsr.metrics import psnr, ssim
+from nlsr.models.descriptor import ModelDescriptor
+from nlsr.models.resolve import resolve_model
 from nlsr.resize import DEGRADATIONS, degrade, modcrop
 
 __all__ = ["EvalResult", "ImageScore", "evaluate"]
@@ -71,34 +73,18 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _model_for(model: nn.Module | str, scale: int) -> tuple[nn.Module, str]:
-    """The network to run and its display name; the string ``"bicubic"`` builds the baseline."""
+def _model_for(model: nn.Module | ModelDescriptor | str, scale: int) -> ModelDescriptor:
+    """The model to run, described; the string ``"bicubic"`` builds the baseline."""
     if isinstance(model, str):
         if model != "bicubic":
             raise ValueError(
                 f"model {model!r}: evaluate() takes an nn.Module or the string 'bicubic' "
-                "(load networks with nlsr.checkpoint.load)"
+                "(load networks with nlsr.load)"
             )
-        from nlsr.models.bicubic import Bicubic
-
-        return Bicubic(scale), "bicubic"
-    if not isinstance(model, nn.Module):
+        return resolve_model(model, scale, pretrained=False)
+    if not isinstance(model, nn.Module | ModelDescriptor):
         raise ValueError(f"model must be an nn.Module or 'bicubic', got {type(model).__name__}")
-    if not hasattr(model, "scale"):
-        raise ValueError(
-            f"model {type(model).__name__} has no 'scale' attribute (its upscaling factor, an "
-            "int); nlsr's networks have one: build them with nlsr.models.create or nlsr.load"
-        )
-    if model.scale != scale:
-        raise ValueError(
-            f"model {type(model).__name__} upscales x{model.scale}, but scale {scale} was asked for"
-        )
-    # A shipped model by its published name, else the architecture, else the class.
-    config = getattr(model, "nlsr_config", None)
-    name = getattr(model, "nlsr_pretrained", None)
-    if name is None and isinstance(config, dict):
-        name = config.get("arch")
-    return model, str(name or type(model).__name__.lower())
+    return resolve_model(model, scale)
 
 
 def _lr_image(
@@ -146,7 +132,7 @@ def _save_dir(save_images: str | Path, dataset: str, scale: int, degradation: st
 
 
 def evaluate(
-    model: nn.Module | str,
+    model: nn.Module | ModelDescriptor | str,
     dataset: str,
     scale: int,
     *,
@@ -162,8 +148,10 @@ def evaluate(
     max_images: int | None = None,
     progress: bool = False,
     seed: int | None = DEFAULT_SEED,
+    precision: str = "fp32",
 ) -> EvalResult:
-    """Score ``model`` (an nn.Module, moved to ``device``, or ``"bicubic"``) on a benchmark set.
+    """Score ``model`` (an nn.Module or a descriptor, moved to ``device``, or ``"bicubic"``) on
+    a benchmark set; the result is named after the shipped model, else the architecture.
 
     Each HR image (grayscale replicated to RGB) is modcropped, degraded (``BI``/``BD``/``DN``;
     DN noise seeded with the image's index in the sorted set) or paired with its official LR
@@ -173,6 +161,8 @@ def evaluate(
     first N images of the sorted set (a quick check during training; not a published figure).
     ``seed`` seeds the network's random draws per image (:func:`nlsr.inference.forward`), so the
     scores are the same on every run and in any image order; None draws afresh every call.
+    ``precision="bf16"`` runs the network under bfloat16 autocast (:func:`nlsr.inference.forward`):
+    a measurement of what bf16 costs, not the papers' protocol (float32).
     """
     if int(scale) != scale or scale < 1:
         raise ValueError(f"scale must be a positive integer, got {scale}")
@@ -183,14 +173,14 @@ def evaluate(
     if official_lr and deg != "BI":
         raise ValueError(f"official_lr: the official LR files are BI, not {deg}")
     check_seed(seed)
-    net, name = _model_for(model, scale)
+    net = _model_for(model, scale)
     files = benchmark_images(dataset, data_root)
     if max_images is not None:
         if max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
         files = files[:max_images]
     dev = select_device(device)
-    net.to(dev)
+    net.module.to(dev)
     out_dir = _save_dir(save_images, dataset, scale, deg) if save_images is not None else None
     scores: list[ImageScore] = []
     for index, path in enumerate(tqdm(files, desc=f"{dataset} x{scale}", disable=not progress)):
@@ -204,6 +194,7 @@ def evaluate(
             chop=chop,
             self_ensemble=self_ensemble,
             seed=seed,
+            precision=precision,
         )
         sr = to_array(out, hr.dtype)
         if sr.shape != hr.shape:
@@ -214,7 +205,7 @@ def evaluate(
         if out_dir is not None:
             write_image(out_dir / f"{path.stem}.png", sr, overwrite=True)
     return EvalResult(
-        model=name,
+        model=net.name,
         dataset=dataset,
         scale=scale,
         degradation=deg,
@@ -228,5 +219,6 @@ def evaluate(
             "self_ensemble": self_ensemble,
             "tile": tile,
             "seed": seed,
+            "precision": precision,
         },
     )

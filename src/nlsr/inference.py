@@ -19,6 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nlsr.io import Image
+from nlsr.models.descriptor import ModelDescriptor
+from nlsr.models.resolve import resolve_model
 
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
@@ -27,6 +29,7 @@ __all__ = [
     "DEFAULT_SEED",
     "check_seed",
     "forward",
+    "native_bf16",
     "select_device",
     "to_array",
     "to_tensor",
@@ -35,8 +38,6 @@ __all__ = [
 
 #: LR pixels run in one batch of tiles (tiles bigger than this run one at a time).
 TILE_BATCH_PIXELS = 256 * 256
-#: Chop threshold for models without a ``chop_min_size`` attribute (EDSR's).
-DEFAULT_CHOP_MIN_SIZE = 160_000
 #: Values of ``precision``: float32 throughout, or bfloat16 autocast (see :func:`forward`).
 PRECISIONS = ("fp32", "bf16")
 
@@ -76,6 +77,17 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively, so that bf16 autocast is faster than
+    float32: CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX (emulated bf16 is slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8/uint16 array -> (1, 3, H, W) float32 tensor in [0, 1] (v / 255 or v / 65535)."""
     if not isinstance(pixels, np.ndarray) or pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -109,7 +121,7 @@ def to_array(t: torch.Tensor, dtype: DTypeLike = np.uint8) -> np.ndarray:
 
 
 def forward(
-    model: nn.Module,
+    model: nn.Module | ModelDescriptor,
     lr: torch.Tensor,
     *,
     tile: int | None = None,
@@ -124,6 +136,8 @@ def forward(
 ) -> torch.Tensor:
     """Super-resolve ``lr`` (N, C, H, W) in [0, 1] -> float32 (N, C, sH, sW), not clamped, on
     ``lr``'s device (the model runs on its own device, in eval mode, under inference_mode).
+    ``model`` is a module or a descriptor (:func:`nlsr.models.resolve_model`): its scale,
+    ``rgb_range`` and chop threshold come from there.
 
     ``seed`` makes the network's random draws (the hash projections of NLSA and GLA, LCoA's
     k-means initialisation) reproducible: every model call (whole image, chop quadrant, batch of
@@ -141,7 +155,8 @@ def forward(
     recursing while a quadrant has ``chop_min_size`` pixels or more, pasted without blending);
     ``tile``: overlapping ``tile`` x ``tile`` tiles blended with a raised-cosine window over the
     ``overlap``, memory bounded by the output plus a batch of tiles. ``self_ensemble`` averages
-    the 8 flip/transpose variants in float (around chop as the authors did; per tile with tiles).
+    the 8 flip/transpose variants in float (around chop as the authors did; per tile with tiles);
+    ``chop_min_size`` (default: the model's) is the chop threshold in LR pixels.
     """
     if lr.dim() != 4:
         raise ValueError(f"forward: expected an (N, C, H, W) tensor, got shape {tuple(lr.shape)}")
@@ -155,20 +170,20 @@ def forward(
         raise ValueError(f"chop_shave must be at least 1 pixel, got {chop_shave}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    scale = getattr(model, "scale", None)
-    if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"model {type(model).__name__} has no integer 'scale' attribute")
-    min_size = chop_min_size
-    if min_size is None:
-        min_size = getattr(model, "chop_min_size", DEFAULT_CHOP_MIN_SIZE)
+    described = resolve_model(model)
+    if precision == "bf16" and not described.bf16:
+        raise ValueError(f"model {described.name} does not run under bfloat16; use fp32")
+    scale = described.scale
+    min_size = described.chop_min_size if chop_min_size is None else chop_min_size
     check_seed(seed)
-    plain = _runner(model, scale, precision == "bf16")
+    plain = _runner(described, precision == "bf16")
     variants = range(8) if self_ensemble else range(1)
     h, w = lr.shape[-2:]
-    was_training = model.training
-    model.eval()
+    module = described.module
+    was_training = module.training
+    module.eval()
     try:
-        with torch.inference_mode(), _seeded_draws(model, seed) as reseed:
+        with torch.inference_mode(), _seeded_draws(module, seed) as reseed:
 
             def run(x: torch.Tensor) -> torch.Tensor:
                 reseed()
@@ -196,7 +211,7 @@ def forward(
                 assert total is not None
                 return total.div_(len(variants)) if self_ensemble else total
     finally:
-        model.train(was_training)
+        module.train(was_training)
 
 
 def check_seed(seed: int | None) -> None:
@@ -234,15 +249,15 @@ def _seeded_draws(model: nn.Module, seed: int | None) -> Iterator[Callable[[], N
 
 
 def _runner(
-    model: nn.Module, scale: int, bf16: bool = False
+    described: ModelDescriptor, bf16: bool = False
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """x in [0, 1] (any device) -> float32 model output in [0, 1] on the model's device
     (under bfloat16 autocast with ``bf16``)."""
+    model, scale, rgb_range = described.module, described.scale, described.rgb_range
     tensors = [*model.parameters(), *model.buffers()]
     device = tensors[0].device if tensors else None  # parameter-free: run where the input is
     floats = [t.dtype for t in tensors if t.is_floating_point()]
     dtype = floats[0] if floats else torch.float32
-    rgb_range = float(getattr(model, "rgb_range", 1.0))
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device=device or x.device, dtype=dtype)
@@ -431,7 +446,7 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 
 def upscale(
-    model: nn.Module | str,
+    model: nn.Module | ModelDescriptor | str,
     image: np.ndarray | Image,
     *,
     tile: int | None = None,
@@ -448,27 +463,23 @@ def upscale(
     uint8 or uint16) or an :class:`~nlsr.io.Image`; returns the same kind, layout and dtype.
 
     Grey images run as RGB and come back as the rounded mean of the output channels; alpha is
-    upscaled with MATLAB bicubic (:func:`nlsr.resize.imresize`). ``model`` may be a registered
-    name (built with ``nlsr.models.create(name, scale or 2)``; sensible for "bicubic"). With
-    ``device`` the model is moved there (``nn.Module.to``, in place); otherwise it runs where it
-    is (a model built from a name goes to :func:`select_device`). ``seed``: see :func:`forward`
-    (the default gives the same output on every run; None draws afresh)."""
+    upscaled with MATLAB bicubic (:func:`nlsr.resize.imresize`). ``model`` is a module, a
+    descriptor or a registered architecture's name (a new network, ``nlsr.models.create(name,
+    scale or 2)``; sensible for "bicubic"). With ``device`` the model is moved there
+    (``nn.Module.to``, in place); otherwise it runs where it is (a model built from a name goes
+    to :func:`select_device`). ``seed``: see :func:`forward` (the default gives the same output
+    on every run; None draws afresh)."""
+    described = resolve_model(model, scale, pretrained=False)
     if isinstance(model, str):
-        from nlsr.models import create
-
-        model = create(model, scale or 2).eval()
-        model.to(select_device(device))
-    else:
-        if scale is not None and scale != getattr(model, "scale", None):
-            raise ValueError(f"scale={scale} does not match the model's scale {model.scale}")
-        if device is not None:
-            model.to(select_device(device))
+        described.module.eval().to(select_device(device))
+    elif device is not None:
+        described.module.to(select_device(device))
     pixels, alpha, gray, layout = _split(image)
     lr = to_tensor(pixels)
-    if device is not None and not _has_tensors(model):
+    if device is not None and not _has_tensors(described.module):
         lr = lr.to(select_device(device))  # a parameter-free model runs where its input is
     sr = forward(
-        model,
+        described,
         lr,
         tile=tile,
         overlap=overlap,

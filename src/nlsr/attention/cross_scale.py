@@ -12,15 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nlsr.attention import register_attention
+from nlsr.attention.nla import conv1x1_prelu
+from nlsr.attention.registry import register_attention
+from nlsr.padding import pad_to_multiple
 
 #: The released code divides the assembled cross-scale output by this constant.
 ASSEMBLY_DIVISOR = 6.0
-
-
-def _conv1x1_prelu(in_channels: int, out_channels: int) -> nn.Sequential:
-    """1x1 conv with bias followed by a single-parameter PReLU (keys ``.0`` and ``.1``)."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.PReLU())
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
@@ -28,16 +25,6 @@ def _check_int(name: str, value: int, minimum: int) -> None:
         raise ValueError(
             f"attention option {name!r} must be an integer >= {minimum}, got {value!r}"
         )
-
-
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad bottom/right to multiples of ``multiple`` (reflect; replicate where too small)."""
-    h, w = x.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
-    if ph == 0 and pw == 0:
-        return x
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
 def _same_pad(x: torch.Tensor, ksize: int, stride: int) -> torch.Tensor:
@@ -66,9 +53,9 @@ class InScaleNonLocalAttention(nn.Module):
             raise ValueError(
                 f"attention option 'reduction' ({reduction}) exceeds channels ({channels})"
             )
-        self.conv_match1 = _conv1x1_prelu(channels, channels // reduction)
-        self.conv_match2 = _conv1x1_prelu(channels, channels // reduction)
-        self.conv_assembly = _conv1x1_prelu(channels, channels)
+        self.conv_match1 = conv1x1_prelu(channels, channels // reduction)
+        self.conv_match2 = conv1x1_prelu(channels, channels // reduction)
+        self.conv_assembly = conv1x1_prelu(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
@@ -125,14 +112,14 @@ class CrossScaleAttention(nn.Module):
         self.softmax_scale = float(softmax_scale)
         self.average = bool(average)
         self.register_buffer("escape_NaN", torch.tensor([1e-4]))
-        self.conv_match_1 = _conv1x1_prelu(channels, channels // reduction)
-        self.conv_match_2 = _conv1x1_prelu(channels, channels // reduction)
-        self.conv_assembly = _conv1x1_prelu(channels, channels)
+        self.conv_match_1 = conv1x1_prelu(channels, channels // reduction)
+        self.conv_match_2 = conv1x1_prelu(channels, channels // reduction)
+        self.conv_assembly = conv1x1_prelu(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, k, t = self.scale, self.ksize, self.stride
         h0, w0 = x.shape[-2:]
-        x = _pad_to_multiple(x, s)
+        x, _, _ = pad_to_multiple(x, s)
         h, w = x.shape[-2:]
         values_map = self.conv_assembly(x)
         query = self.conv_match_1(x)

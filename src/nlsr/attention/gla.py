@@ -3,28 +3,86 @@
 Positions are hashed with orthogonal random projections (code ``argmax(xW)``), sorted, chunked
 (128) and attend to their own and both neighbour chunks, as in NLSA, with a learnable score term
 ``fc(f_j)[i]`` added to ``q_i . k_j`` (``i`` = the query's slot in its chunk, so the chunk size is
-baked into ``fc``). Parameter names equal the released code's.
+baked into ``fc``). The term reaches the shared kernel as a :class:`KeyBiasMLP` (by its parts,
+so the kernel recomputes it instead of storing it); hashing comes from
+:class:`nlsr.attention.hashing.HashingAttention`. Parameter names equal the released code's.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
-from nlsr.attention import register_attention
-from nlsr.attention.buckets import (
-    KeyBiasMLP,
-    bucket_attention,
-    bucket_count,
-    check_backend,
-    check_hashing_options,
-    hash_codes,
-    residual,
-)
+from nlsr.attention.backends import bucket_attention
+from nlsr.attention.buckets import residual
+from nlsr.attention.hashing import HashingAttention
+from nlsr.attention.registry import register_attention
 
 #: Largest learnable term ``[N, L, chunk]`` (values) that training keeps whole (16 MiB in
 #: float32); larger ones are recomputed block by block in the backward pass (memory).
 STORED_TERM_ELEMENTS = 2**22
+#: Positions per slice when :meth:`KeyBiasMLP.sliced` evaluates the bias.
+MLP_SLICE = 2**16
+
+
+class KeyBiasMLP(NamedTuple):
+    """GLA's learnable term ``fc(f_j)`` by its parts: ``W2 relu(W1 f_j + b1) + b2`` of the key
+    features ``features`` ``[N, L, C]``, a :class:`~nlsr.attention.buckets.KeyBiasNetwork`. The
+    blocked kernel evaluates it in slices of positions and recomputes it block by block in the
+    backward pass, so neither the ``[N, L, chunk]`` bias nor its gradient is ever stored
+    (training memory)."""
+
+    features: Tensor
+    weight1: Tensor
+    bias1: Tensor
+    weight2: Tensor
+    bias2: Tensor
+
+    def evaluate(self) -> Tensor:
+        """The whole bias ``[N, L, chunk]``, differentiable by plain autograd."""
+        hidden = torch.nn.functional.linear(self.features, self.weight1, self.bias1).relu()
+        return torch.nn.functional.linear(hidden, self.weight2, self.bias2)
+
+    @torch.no_grad()
+    def sliced(self) -> Tensor:
+        """The whole bias ``[N, L, chunk]`` without autograd, evaluated on slices of positions
+        so that the row-major copy of the features never covers the whole map; in the weights'
+        dtype, also under autocast (the bias is added to float32 scores)."""
+        n, length, _ = self.features.shape
+        out = self.features.new_empty(n, length, self.weight2.shape[0], dtype=self.weight2.dtype)
+        with torch.autocast(self.features.device.type, enabled=False):
+            for b in range(n):
+                for start in range(0, length, MLP_SLICE):
+                    stop = min(length, start + MLP_SLICE)
+                    self.on_rows(self.features[b, start:stop], out=out[b, start:stop])
+        return out
+
+    def on_rows(self, rows: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Hidden layer and bias ``([M, hidden], [M, chunk])`` of feature ``rows`` ``[M, C]``
+        in the weights' dtype (no autograd; the bias is written into ``out`` when given)."""
+        rows = rows.to(self.weight1.dtype)
+        hidden = torch.addmm(self.bias1, rows, self.weight1.t()).relu_()
+        return hidden, torch.addmm(self.bias2, hidden, self.weight2.t(), out=out)
+
+    def truncated(self, width: int) -> KeyBiasMLP:
+        """The MLP giving the first ``width`` bias columns (query slots)."""
+        return self._replace(weight2=self.weight2[:width], bias2=self.bias2[:width])
+
+    def on_rows_backward(
+        self, grad_bias: Tensor, rows: Tensor, hidden: Tensor, grads: list[Tensor]
+    ) -> Tensor:
+        """Accumulate the MLP's parameter gradients ``grads`` ``[_, dW1, db1, dW2, db2]`` from a
+        block's bias gradient ``[M, chunk]`` and return the gradient of its feature ``rows``."""
+        grads[3].addmm_(grad_bias.t(), hidden)
+        grads[4].add_(grad_bias.sum(dim=0))
+        grad_hidden = torch.ops.aten.threshold_backward(
+            torch.mm(grad_bias, self.weight2), hidden, 0
+        )
+        grads[1].addmm_(grad_hidden.t(), rows)
+        grads[2].add_(grad_hidden.sum(dim=0))
+        return torch.mm(grad_hidden, self.weight1)
 
 
 def orthogonal_columns(
@@ -41,7 +99,7 @@ def _conv_relu(c_in: int, c_out: int, k_size: int) -> nn.Sequential:
 
 
 @register_attention("gla")
-class GlobalLearnableAttention(nn.Module):
+class GlobalLearnableAttention(HashingAttention):
     """DLSN's attention block: ``res_scale * (hashed attention with learnable scores) + x``.
 
     Projections ``[d, n_hashes, n_buckets]`` are drawn at every forward (from ``self.generator`` if
@@ -53,8 +111,11 @@ class GlobalLearnableAttention(nn.Module):
     crashes) one bucket is used and all positions share one chunk (see
     :func:`nlsr.attention.buckets.effective_chunk`). ``attention_backend`` picks the computation
     of the bucketed attention ("auto", "blocked" or "sdpa"; see
-    :func:`nlsr.attention.buckets.choose_backend`).
+    :func:`nlsr.attention.backends.choose_backend`).
     """
+
+    kind = "gla"
+    signed = False
 
     def __init__(
         self,
@@ -68,15 +129,9 @@ class GlobalLearnableAttention(nn.Module):
         learnable: bool = True,
         attention_backend: str = "auto",
     ):
-        super().__init__()
-        check_hashing_options("gla", channels, reduction, n_hashes, chunk_size)
-        self.chunk_size = chunk_size
-        self.n_hashes = n_hashes
-        self.reduction = reduction
-        self.res_scale = res_scale
+        super().__init__(channels, n_hashes, reduction, chunk_size, res_scale, attention_backend)
         self.super_bit = super_bit
         self.learnable = learnable
-        self.attention_backend = check_backend(attention_backend)
         self.conv_match = _conv_relu(channels, channels // reduction, k_size)
         self.conv_assembly = _conv_relu(channels, channels, k_size)
         if learnable:
@@ -86,8 +141,6 @@ class GlobalLearnableAttention(nn.Module):
                 nn.ReLU(inplace=True),
                 nn.Linear(chunk_size, chunk_size),
             )
-        self.projections: Tensor | None = None
-        self.generator: torch.Generator | None = None
 
     def draw_projections(
         self, n_buckets: int, device: torch.device, dtype: torch.dtype = torch.float32
@@ -105,19 +158,6 @@ class GlobalLearnableAttention(nn.Module):
             else:
                 rounds.append(orthogonal_columns(d, n_buckets, gen, draw_device))
         return torch.stack(rounds, dim=1).to(device=device, dtype=dtype)
-
-    def hash_codes(self, x: Tensor, n_buckets: int) -> Tensor:
-        """Bucket codes ``[N, n_hashes, L]`` of embeddings ``x`` ``[N, L, d]``."""
-        proj = self.projections
-        expected = (x.shape[-1], self.n_hashes, n_buckets)
-        if proj is None:
-            proj = self.draw_projections(n_buckets, x.device, x.dtype)
-        elif tuple(proj.shape) != expected:
-            raise ValueError(
-                f"gla projections have shape {tuple(proj.shape)}, expected {expected} "
-                f"[d, n_hashes, n_buckets] for {x.shape[1]} positions"
-            )
-        return hash_codes(x, proj.to(device=x.device, dtype=x.dtype), signed=False)
 
     def _learnable_term(self, input: Tensor) -> KeyBiasMLP | Tensor:
         """``fc(f_j)``: in training, by its parts, which the attention evaluates and recomputes
@@ -140,7 +180,7 @@ class GlobalLearnableAttention(nn.Module):
         bias = None
         if self.learnable:
             bias = self._learnable_term(input)
-        codes = self.hash_codes(x.detach(), bucket_count(h * w, self.chunk_size))
+        codes = self.hash_codes(x.detach(), self.n_buckets(h * w))
         out = bucket_attention(
             x, y, codes, self.chunk_size, key_bias=bias, backend=self.attention_backend
         )  # [N, L, C]

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from nlsr.attention import register_attention
 from nlsr.attention.nla import NonLocalAttention, RowNormaliser, SparseRows
+from nlsr.attention.registry import register_attention
 
 #: Width of the column groups whose maxima prune the threshold search (:func:`candidates`).
 GROUP = 64

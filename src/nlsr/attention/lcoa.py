@@ -2,9 +2,9 @@
 
 Positions are grouped by their nearest k-means centroid (cosine), sorted by cluster, cut into
 windows, and every window attends to itself and its two neighbours. In collaborative use the
-first block computes that *pattern* (sort order and attention probabilities) and every later
-block reuses it, computing only its own values; gradients reach the first block through the
-shared probabilities.
+first block computes that *pattern* (sort order and attention probabilities;
+:mod:`nlsr.attention.lcoa_pattern`) and every later block reuses it, computing only its own
+values; gradients reach the first block through the shared probabilities.
 """
 
 from __future__ import annotations
@@ -13,16 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nlsr.attention import register_attention
-from nlsr.attention.buckets import (
-    BucketPattern,
-    apply_pattern,
-    attention_pattern,
-    bucket_attention,
-    check_backend,
-    hash_codes,
-    residual,
-)
+from nlsr.attention.backends import bucket_attention, check_backend
+from nlsr.attention.buckets import residual
+from nlsr.attention.hashing import hash_codes
+from nlsr.attention.lcoa_pattern import BucketPattern, apply_pattern, attention_pattern
+from nlsr.attention.registry import register_attention
 
 #: Iterations of Lloyd's algorithm run when the centroids are initialised from the first batch.
 KMEANS_INIT_ITERS = 10
@@ -106,7 +101,7 @@ class LCoA(nn.Module):
     ``forward(x)`` computes its own pattern (standalone use, e.g. inside EDSR/RCAN);
     ``forward_shared(x, pattern)`` reuses a pattern from an earlier block and returns it.
     ``attention_backend`` ("auto", "blocked" or "sdpa"; see
-    :func:`nlsr.attention.buckets.choose_backend`) applies to ``forward`` only: a shared pattern
+    :func:`nlsr.attention.backends.choose_backend`) applies to ``forward`` only: a shared pattern
     keeps its probabilities, which SDPA does not return.
     """
 

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from nlsr.attention import in_float32, register_attention
+from nlsr.attention.precision import in_float32
+from nlsr.attention.registry import register_attention
 
 #: Score elements (N x block x L) computed at once when ``block_size`` is automatic: 2**22
 #: float32 values are 16 MiB per buffer, a few tens of MiB peak for any image size.

@@ -10,19 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from nlsr.attention import register_attention
-from nlsr.attention.buckets import (
-    bucket_attention,
-    bucket_count,
-    check_backend,
-    check_hashing_options,
-    hash_codes,
-    residual,
-)
+from nlsr.attention.backends import bucket_attention
+from nlsr.attention.buckets import residual
+from nlsr.attention.hashing import HashingAttention
+from nlsr.attention.registry import register_attention
 
 
 @register_attention("nlsa")
-class NonLocalSparseAttention(nn.Module):
+class NonLocalSparseAttention(HashingAttention):
     """NLSN's attention block: ``res_scale * LSH-bucketed attention(x) + x``.
 
     Random Gaussian rotations ``[d, n_hashes, n_buckets // 2]`` are drawn at every forward (from
@@ -31,8 +26,11 @@ class NonLocalSparseAttention(nn.Module):
     fixtures). For ``H * W < chunk_size`` (where the release crashes) two buckets are used and all
     positions share one chunk (see :func:`nlsr.attention.buckets.effective_chunk`).
     ``attention_backend`` picks the computation of the bucketed attention ("auto", "blocked" or
-    "sdpa"; see :func:`nlsr.attention.buckets.choose_backend`).
+    "sdpa"; see :func:`nlsr.attention.backends.choose_backend`).
     """
+
+    kind = "nlsa"
+    signed = True
 
     def __init__(
         self,
@@ -44,18 +42,10 @@ class NonLocalSparseAttention(nn.Module):
         k_size: int = 3,
         attention_backend: str = "auto",
     ):
-        super().__init__()
-        check_hashing_options("nlsa", channels, reduction, n_hashes, chunk_size)
-        self.chunk_size = chunk_size
-        self.n_hashes = n_hashes
-        self.reduction = reduction
-        self.res_scale = res_scale
-        self.attention_backend = check_backend(attention_backend)
+        super().__init__(channels, n_hashes, reduction, chunk_size, res_scale, attention_backend)
         d = channels // reduction
         self.conv_match = nn.Sequential(nn.Conv2d(channels, d, k_size, padding=k_size // 2))
         self.conv_assembly = nn.Sequential(nn.Conv2d(channels, channels, 1))
-        self.projections: Tensor | None = None
-        self.generator: torch.Generator | None = None
 
     def draw_projections(
         self, n_buckets: int, device: torch.device, dtype: torch.dtype = torch.float32
@@ -67,25 +57,11 @@ class NonLocalSparseAttention(nn.Module):
         draw_device = gen.device if gen is not None else device
         return torch.randn(shape, generator=gen, device=draw_device, dtype=dtype)[0].to(device)
 
-    def hash_codes(self, x: Tensor, n_buckets: int) -> Tensor:
-        """Bucket codes ``[N, n_hashes, L]`` of embeddings ``x`` ``[N, L, d]``."""
-        rotations = self.projections
-        expected = (x.shape[-1], self.n_hashes, n_buckets // 2)
-        if rotations is None:
-            rotations = self.draw_projections(n_buckets, x.device, x.dtype)
-        elif tuple(rotations.shape) != expected:
-            raise ValueError(
-                f"nlsa projections have shape {tuple(rotations.shape)}, expected {expected} "
-                f"[d, n_hashes, n_buckets//2] for {x.shape[1]} positions"
-            )
-        return hash_codes(x, rotations.to(device=x.device, dtype=x.dtype), signed=True)
-
     def forward(self, input: Tensor) -> Tensor:
         h, w = input.shape[-2:]
         x = self.conv_match(input).flatten(2).transpose(1, 2).contiguous()  # [N, L, d]
         y = self.conv_assembly(input).flatten(2).transpose(1, 2)  # [N, L, C]
-        n_buckets = bucket_count(h * w, self.chunk_size, minimum=2)
-        codes = self.hash_codes(x.detach(), n_buckets)
+        codes = self.hash_codes(x.detach(), self.n_buckets(h * w))
         out = bucket_attention(
             x, y, codes, self.chunk_size, backend=self.attention_backend
         )  # [N, L, C]

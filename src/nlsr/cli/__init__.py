@@ -15,7 +15,10 @@ import importlib.util
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from nlsr.models.descriptor import ModelDescriptor
 
 #: sub-command -> module under ``nlsr.cli`` with ``add_parser(subparsers)`` and ``run(args)``.
 COMMANDS = {
@@ -148,10 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return status
 
 
-def print_load_notes(source: object, model: object) -> None:
-    """``SOURCE: note: ...`` on stderr for what :func:`nlsr.load` noted about a file (e.g.
-    weights stored in half precision)."""
-    for note in getattr(model, "nlsr_load_notes", []):
+def print_load_notes(source: object, model: ModelDescriptor) -> None:
+    """``SOURCE: note: ...`` on stderr for what loading noted about a file (e.g. weights stored
+    in half precision)."""
+    for note in model.source.notes:
         print(f"{source}: note: {note}", file=sys.stderr)
 
 

@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nlsr.bench import Settings
+    from nlsr.bench.reporting import Settings
 
 
 def _names(text: str) -> list[str]:
@@ -18,7 +18,7 @@ def _names(text: str) -> list[str]:
 
 
 def _ints(option: str, text: str, minimum: int = 1) -> list[int]:
-    from nlsr.bench import BenchError
+    from nlsr.bench.measuring import BenchError
 
     try:
         values = [int(t) for t in _names(text)]
@@ -68,7 +68,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mode",
         default="infer,train",
-        help="infer (forward, inference mode), train (forward+backward) or both",
+        help="infer (forward, inference mode), train (forward+backward) or both (the default, "
+        "the same as infer,train)",
     )
     p.add_argument("--repeat", type=int, default=5, help="timed runs per point (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
@@ -122,9 +123,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Validate the command line and turn it into :class:`nlsr.bench.Settings`."""
+    """Validate the command line and turn it into :class:`nlsr.bench.reporting.Settings`."""
     from nlsr.attention import available_attention
-    from nlsr.bench import MODES, REFERENCE_BLOCK, BenchError, Settings, parse_bytes
+    from nlsr.bench.measuring import MODES, BenchError
+    from nlsr.bench.reporting import Settings, parse_bytes
+    from nlsr.bench.suite import REFERENCE_BLOCK
 
     registered = available_attention()
     models = _names(args.models)
@@ -141,7 +144,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             )
     if not blocks and not models:
         raise BenchError("nothing to measure: give --blocks and/or --models")
-    modes = _names(args.mode)
+    modes = list(MODES) if args.mode == "both" else _names(args.mode)
     if not modes or any(m not in MODES for m in modes):
         raise BenchError(f"--mode: expected infer, train or both, got {args.mode!r}")
     fit = _ints("--fit-range", args.fit_range)
@@ -183,38 +186,47 @@ def run(args: argparse.Namespace) -> int:
     (1 when a point failed)."""
     import torch
 
-    from nlsr import bench
+    from nlsr.bench.measuring import BenchError, resolve_device
+    from nlsr.bench.reporting import (
+        format_profile,
+        format_table,
+        plot,
+        read_json,
+        require_matplotlib,
+        write_json,
+    )
+    from nlsr.bench.suite import run_suite
 
     # A bad option raises BenchError (a ValueError): exit status 2, one line, from nlsr.cli.main.
     settings = settings_from_args(args)
     if args.threads is not None:
         if args.threads < 1:
-            raise bench.BenchError(f"--threads must be >= 1, got {args.threads}")
+            raise BenchError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.plot:
-        bench.require_matplotlib()
-    bench.resolve_device(args.device)
+        require_matplotlib()
+    resolve_device(args.device)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
     if args.from_json:
-        report = bench.read_json(args.from_json)
+        report = read_json(args.from_json)
     else:
-        report = bench.run_suite(settings, None if args.quiet else log)
+        report = run_suite(settings, None if args.quiet else log)
     env = report.environment
     print(
         f"device {env['device']} ({env['device_name']}), torch {env['torch']}, "
         f"{env['threads']} threads, memory: {env['memory_method']}, load average "
         f"{env['load_average_start']} -> {env['load_average_end']}"
     )
-    print(bench.format_table(report))
+    print(format_table(report))
     for row in report.rows:
         if row.profile:
             print()
-            print(bench.format_profile(row))
+            print(format_profile(row))
     if args.json:
-        print(f"wrote {bench.write_json(report, args.json)}")
+        print(f"wrote {write_json(report, args.json)}")
     if args.plot:
-        print(f"wrote {bench.plot(report, args.plot)}")
+        print(f"wrote {plot(report, args.plot)}")
     return 1 if any(r.status == "error" for r in report.rows) else 0

@@ -8,7 +8,6 @@ configuration and provenance in the file's header.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,6 @@ def parse_option(text: str) -> tuple[str, Any]:
         return key, json.loads(raw)
     except json.JSONDecodeError:
         return key, raw
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fmt(options: dict[str, Any]) -> str:
@@ -74,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> None:
     from nlsr import __version__
-    from nlsr.checkpoint import CheckpointError, check_options, detect, load, read_state_dict, save
+    from nlsr.checkpoint import read_state_dict, sha256_of
+    from nlsr.models.detection import read_options, recognise
+    from nlsr.models.resolve import resolve_model, save
+    from nlsr.models.validation import check_options
 
     src: Path = args.input
     dst: Path = args.output
@@ -94,28 +88,24 @@ def _convert(args: argparse.Namespace) -> None:
     if config is not None:
         arch, found, origin = config["arch"], dict(config["options"]), "its nlsr header"
     elif args.arch is None:
-        try:
-            arch, _, found = detect(state_dict)
-        except CheckpointError as e:
-            raise CheckpointError(f"{src}: {e}") from e
-        origin = "the weights"
+        arch = recognise(state_dict, str(src))
+        found, origin = read_options(state_dict, arch, str(src))[1], "the weights"
     else:
         arch, found, origin = args.arch, {}, "--arch"
     print(f"{src}: {args.arch or arch} (from {origin}); options read: {_fmt(found)}")
     if given:
         print(f"  options given: {_fmt(given)}")
-    model = load(src, arch=args.arch, scale=args.scale, **given)
-    used = model.nlsr_config
-    n_params = sum(p.numel() for p in model.parameters())
+    model = resolve_model(src, args.scale, arch=args.arch, **given)
+    n_params = sum(p.numel() for p in model.module.parameters())
     print(
-        f"  loaded strictly as {used['arch']} x{used['scale']}: {len(state_dict)} tensors, "
+        f"  loaded strictly as {model.arch} x{model.scale}: {len(state_dict)} tensors, "
         f"{n_params / 1e6:.2f}M parameters"
     )
-    for note in getattr(model, "nlsr_load_notes", []):
+    for note in model.source.notes:
         print(f"  note: {note}")
     provenance = {
         "converted_from": src.name,
-        "source_sha256": _sha256(src),
+        "source_sha256": sha256_of(src),
         "nlsr_version": __version__,
     }
     save(model, dst, metadata=provenance)

@@ -14,6 +14,7 @@ from typing import Any
 
 from nlsr.atomic import atomic_write
 from nlsr.cli import add_seed_option, print_load_notes
+from nlsr.inference import PRECISIONS
 
 _ROW = "{:<10} {:>5}  {:<8} {:>9} {:>8} {:>7} {:>8}"
 
@@ -99,6 +100,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--self-ensemble", action="store_true", help="x8 self-ensemble ('+' rows)")
     p.add_argument("--tile", type=int, metavar="N", help="run in NxN LR tiles (bounded memory)")
     p.add_argument("--device", metavar="D", help="cpu, cuda, cuda:1, mps (default: best)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default, the papers' protocol) or bf16 autocast, to measure what bf16 "
+        "inference costs in dB (attention kept in float32)",
+    )
     add_seed_option(p)
     p.add_argument(
         "--save-images",
@@ -138,25 +146,29 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def _models(args: argparse.Namespace) -> dict[int, Any]:
-    """Per scale, the model to evaluate: a loaded checkpoint, shipped pretrained weights or the
-    string ``"bicubic"``; without --model and --weights, the shipped model of each scale."""
-    from nlsr.pretrained import available_pretrained, default_model, load_pretrained
+    """Per scale, the descriptor of the model to evaluate: a loaded checkpoint, shipped
+    pretrained weights or bicubic; without --model and --weights, the shipped model of each
+    scale (bicubic where none is)."""
+    from nlsr.models.pretrained import available_pretrained, default_model
+    from nlsr.models.registry import available
+    from nlsr.models.resolve import resolve_model
 
     name = args.model
     if name is None and args.weights is None:
         defaults = {s: default_model(s) for s in args.scale}
-        return {s: "bicubic" if n is None else load_pretrained(n, s) for s, n in defaults.items()}
+        return {
+            s: resolve_model(n or "bicubic", s, pretrained=n is not None)
+            for s, n in defaults.items()
+        }
     if name is not None and name in available_pretrained():
         if args.weights is not None:
             raise ValueError(f"--model {name}: a shipped pretrained model; drop --weights")
-        return {s: load_pretrained(name, s) for s in args.scale}
+        return {s: resolve_model(name, s) for s in args.scale}
     if name in (None, "bicubic"):
         if args.weights is None:
-            return dict.fromkeys(args.scale, "bicubic")
+            return {s: resolve_model("bicubic", s, pretrained=False) for s in args.scale}
         if name == "bicubic":
             raise ValueError("--model bicubic has no weights; drop --weights")
-    from nlsr.models import available
-
     if name is not None and name not in available():
         known = ", ".join(available_pretrained() + available())
         raise ValueError(f"--model {name!r}: unknown model; available: {known}")
@@ -166,10 +178,8 @@ def _models(args: argparse.Namespace) -> dict[int, Any]:
         if missing:
             which = "" if len(missing) == len(best) else f" at {', '.join(missing)}"
             raise ValueError(f"no pretrained weights for {name}{which} yet; pass --weights FILE")
-        return {s: load_pretrained(n, s) for s, n in best.items()}
-    from nlsr.checkpoint import load
-
-    models = {s: load(args.weights, arch=name, scale=s) for s in args.scale}
+        return {s: resolve_model(n, s) for s, n in best.items()}
+    models = {s: resolve_model(args.weights, s, arch=name) for s in args.scale}
     print_load_notes(args.weights, next(iter(models.values())))
     return models
 
@@ -180,7 +190,7 @@ def _label(models: dict[int, Any], weights: Path | None, defaulted: bool = False
     if weights is None:
         groups: dict[str, list[int]] = {}
         for scale, model in models.items():
-            groups.setdefault(getattr(model, "nlsr_pretrained", "bicubic"), []).append(scale)
+            groups.setdefault(model.source.shipped or "bicubic", []).append(scale)
         parts = []
         for name, scales in groups.items():
             xs = ", ".join(f"x{s}" for s in scales)
@@ -190,9 +200,7 @@ def _label(models: dict[int, Any], weights: Path | None, defaulted: bool = False
                 shipped = f" (no pretrained model is shipped for {xs})" if defaulted else ""
                 parts.append(f"bicubic{shipped}")
         return "; ".join(parts)
-    config = getattr(next(iter(models.values())), "nlsr_config", None)
-    arch = config.get("arch") if isinstance(config, dict) else None
-    return f"{arch or 'model'} ({weights})"
+    return f"{next(iter(models.values())).arch} ({weights})"
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -226,6 +234,7 @@ def _evaluate(args: argparse.Namespace) -> None:
                 device=args.device,
                 save_images=args.save_images,
                 seed=args.seed,
+                precision=args.precision,
             )
             took = time.perf_counter() - start
             print(

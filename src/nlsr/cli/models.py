@@ -11,58 +11,6 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-#: The configurations of the papers' main models: arch -> (official code repository,
-#: constructor options, parameter count the paper reports at x2, as printed there).
-PAPER_PRESETS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "edsr": (
-        "sanghyun-son/EDSR-PyTorch",
-        {"n_resblocks": 32, "n_feats": 256, "res_scale": 0.1},
-        "40.7M",
-    ),
-    "rcan": (
-        "yulunzhang/RCAN",
-        {"n_resgroups": 10, "n_resblocks": 20, "n_feats": 64, "reduction": 16},
-        "15.4M",
-    ),
-    "nlsn": (
-        "HarukiYqM/Non-Local-Sparse-Attention",
-        {"n_resblocks": 32, "n_feats": 256, "chunk_size": 144, "n_hashes": 4, "res_scale": 0.1},
-        "41.80M",
-    ),
-    "dlsn": (
-        "laoyangui/DLSN",
-        {
-            "n_resgroups": 10,
-            "n_resblocks": 4,
-            "n_feats": 256,
-            "reduction": 4,
-            "chunk_size": 128,
-            "n_hashes": 3,
-            "res_scale": 0.1,
-        },
-        "69.84M",
-    ),
-    "hspan": (
-        "laoyangui/HSPAN",
-        {"n_resgroups": 10, "n_resblocks": 4, "n_feats": 192, "reduction": 2, "topk": 128},
-        "32.29M",
-    ),
-    "lcoan": (
-        "YigangZhao/LCoAN",
-        {
-            "n_resgroups": 10,
-            "n_resblocks": 4,
-            "n_feats": 128,
-            "reduction": 1,
-            "n_hashes": 1,
-            "n_clusters": 128,
-            "window_size": 384,
-        },
-        "15.67M",
-    ),
-    "csnln": ("SHI-Labs/Cross-Scale-Non-Local-Attention", {"n_feats": 128, "depth": 12}, "3.06M"),
-}
-
 #: What each pinned attention-block name is (see nlsr.attention).
 ATTENTION_DESCRIPTIONS = {
     "nla": "dense non-local attention (every position attends to all)",
@@ -82,7 +30,7 @@ class Preset:
     repository: str
     scale: int
     options: dict[str, Any]
-    parameters: int | None
+    parameters: int
     paper_parameters: str
 
 
@@ -91,7 +39,7 @@ def count_parameters(arch: str, scale: int = 2, **options: Any) -> int:
     meta device so that even the largest configuration costs no memory."""
     import torch
 
-    from nlsr.models import create
+    from nlsr.models.resolve import create
 
     with torch.device("meta"):
         model = create(arch, scale, **options)
@@ -99,21 +47,20 @@ def count_parameters(arch: str, scale: int = 2, **options: Any) -> int:
 
 
 def presets(scale: int = 2) -> list[Preset]:
-    """The paper presets at ``scale``; ``parameters`` is None for an architecture that is not
-    registered in this installation."""
-    from nlsr.models import available
+    """The paper presets of the registered architectures (``ArchSpec.preset``) at ``scale``."""
+    from nlsr.models.registry import architectures
 
-    registered = set(available())
     return [
         Preset(
-            arch,
-            repository,
+            arch.name,
+            arch.preset.repository,
             scale,
-            options,
-            count_parameters(arch, scale, **options) if arch in registered else None,
-            reported,
+            dict(arch.preset.options),
+            count_parameters(arch.name, scale, **arch.preset.options),
+            arch.preset.parameters,
         )
-        for arch, (repository, options, reported) in PAPER_PRESETS.items()
+        for arch in architectures()
+        if arch.preset is not None
     ]
 
 
@@ -136,7 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the listing; returns the exit status."""
     from nlsr.attention import available_attention
-    from nlsr.models import available, describe
+    from nlsr.models.registry import available, describe
 
     archs = [{"name": a, "description": describe(a)} for a in available()]
     blocks = [
@@ -168,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         else "  arch     params  options"
     )
     for r in rows:
-        count = "n/a" if r.parameters is None else f"{r.parameters / 1e6:.2f}M"
+        count = f"{r.parameters / 1e6:.2f}M"
         reported = f" {r.paper_parameters:>8}" if paper else ""
         opts = " ".join(f"{k}={v}" for k, v in r.options.items())
         print(f"  {r.arch:<6} {count:>8}{reported}  {opts}")
@@ -186,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
 
 def shipped_weights() -> list[dict[str, Any]]:
     """One record per shipped (model, scale): name, scale, arch, parameters, file size, measured
-    scores and training iterations, from the weights manifest (``nlsr.pretrained``)."""
-    from nlsr.pretrained import read_manifest
+    scores and training iterations, from the weights manifest (``nlsr.models.pretrained``)."""
+    from nlsr.models.pretrained import read_manifest
 
     records = []
     for name, scales in sorted(read_manifest().items()):

@@ -66,17 +66,19 @@ def _console_logging() -> Iterator[None]:
 def run(args: argparse.Namespace) -> int:
     """Validate the config, train, print where the weights are.
 
-    Returns 0, or 130 when stopped by a signal (a checkpoint was saved). A bad config raises
-    ConfigError (exit status 2), a failed write OSError (exit status 1): one line on stderr,
-    from :func:`nlsr.cli.main`."""
+    Returns 0, or :data:`~nlsr.cli.EXIT_INTERRUPTED` when stopped by a signal (a checkpoint was
+    saved). Errors reach :func:`nlsr.cli.main`, which prints them as one line: a bad config
+    (ConfigError, exit status 2), a failed write (OSError saying what became of the run,
+    exit status 1)."""
     with _console_logging():
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
     from nlsr.atomic import remove_stale_temporaries
+    from nlsr.cli import EXIT_INTERRUPTED
     from nlsr.train import load_config, resume_config, train
-    from nlsr.train.config import check_run_dir
+    from nlsr.train.rundir import check_run_dir
 
     if args.resume is not None:
         cfg = resume_config(args.resume, args.overrides)
@@ -91,31 +93,11 @@ def _run(args: argparse.Namespace) -> int:
         removed = remove_stale_temporaries(run_dir)
         if removed:
             print(f"{run_dir}: removed {len(removed)} temporary file(s) left by an interrupted run")
-    try:
-        result = train(cfg, resume=args.resume is not None)
-    except OSError as exc:
-        raise _stopped(exc, run_dir) from exc
+    result = train(cfg, resume=args.resume is not None)
     if result.interrupted:
-        return 130
+        return EXIT_INTERRUPTED
     if os.environ.get("RANK", "0") == "0":
         for label, path in (("final", result.final), ("best", result.best), ("ema", result.ema)):
             if path is not None:
                 print(f"{label}: {path}")
     return 0
-
-
-def _stopped(exc: OSError, run_dir: Path) -> OSError:
-    """``exc`` with what became of the run: training stopped, the last checkpoint (written
-    atomically, so never torn) and how to continue."""
-    from nlsr.train.loop import CHECKPOINT_FILE
-
-    reason = exc.strerror or str(exc)
-    checkpoint = run_dir / CHECKPOINT_FILE
-    resume = f"fix this, then `nlsr train --resume {run_dir}`"
-    if checkpoint.is_file() and exc.filename is not None and Path(exc.filename) == checkpoint:
-        note = f"training stopped; the previous checkpoint is intact: {resume}"
-    elif checkpoint.is_file():
-        note = f"training stopped; {checkpoint} holds the last saved state: {resume}"
-    else:
-        note = "training stopped before its first checkpoint"
-    return OSError(exc.errno, f"{reason}; {note}", exc.filename)

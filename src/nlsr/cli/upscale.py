@@ -21,7 +21,7 @@ from typing import Any
 from nlsr.cli import add_seed_option, describe_error, print_load_notes
 
 #: Model used when neither --model nor --weights is given and nlsr ships no pretrained model
-#: for the scale (otherwise the best shipped one, ``nlsr.pretrained.default_model``).
+#: for the scale (otherwise the best shipped one, ``nlsr.models.pretrained.default_model``).
 DEFAULT_MODEL = "bicubic"
 #: Scale used with --model when --scale is not given.
 DEFAULT_SCALE = 2
@@ -281,47 +281,50 @@ def _tile_for(args: argparse.Namespace, pixels: int) -> int | None:
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(model in eval mode on its device, that torch.device); torch is imported only here."""
+    """(the model's descriptor, its module put in eval mode on the device, and that
+    torch.device); torch is imported only here."""
     from nlsr.inference import select_device
+    from nlsr.models.resolve import resolve_model
 
     device = select_device(args.device)
     if args.weights is not None:
-        from nlsr.checkpoint import load
-
-        model = load(args.weights, scale=args.scale)
+        model = resolve_model(args.weights, args.scale)
         print_load_notes(args.weights, model)
     else:
-        from nlsr.models import available, create
-        from nlsr.pretrained import available_pretrained, default_model, load_pretrained
-
         scale = args.scale or DEFAULT_SCALE
-        name = args.model
+        name = _model_name(args.model, scale)
+        # The fallback needs no weights; any other name means shipped weights.
+        model = resolve_model(name, scale, pretrained=name != DEFAULT_MODEL)
+    model.module.eval().to(device)
+    return model, device
+
+
+def _model_name(name: str | None, scale: int) -> str:
+    """--model, checked (ValueError naming what is available), or the default: the best
+    shipped model for ``scale``, else :data:`DEFAULT_MODEL`; says which one it picked."""
+    from nlsr.models.pretrained import available_pretrained, default_model
+    from nlsr.models.registry import available
+
+    if name is None:
+        name = default_model(scale)
         if name is None:
-            name = default_model(scale)
-            if name is None:
-                print(f"model: {DEFAULT_MODEL} (no pretrained model is shipped for x{scale})")
-                name = DEFAULT_MODEL
-            else:
-                print(f"model: {name} x{scale} (shipped pretrained weights)")
-        shipped = available_pretrained()
-        if name in shipped:
-            model = load_pretrained(name, scale)
-        elif name == "bicubic":
-            model = create(name, scale)
-        elif name in available():
-            # An architecture: its best shipped weights (an untrained network is no upscaler).
-            best = default_model(scale, arch=name)
-            if best is None:
-                raise ValueError(
-                    f"--model {name}: no pretrained weights for {name} x{scale} yet; "
-                    "pass --weights FILE"
-                )
-            model = load_pretrained(best, scale)
-        else:
-            raise ValueError(
-                f"--model {name!r}: unknown model; available: {', '.join(shipped + available())}"
-            )
-    return model.eval().to(device), device
+            print(f"model: {DEFAULT_MODEL} (no pretrained model is shipped for x{scale})")
+            return DEFAULT_MODEL
+        print(f"model: {name} x{scale} (shipped pretrained weights)")
+        return name
+    shipped = available_pretrained()
+    if name in shipped or name == DEFAULT_MODEL:
+        return name
+    if name not in available():
+        raise ValueError(
+            f"--model {name!r}: unknown model; available: {', '.join(shipped + available())}"
+        )
+    # An architecture: its best shipped weights (an untrained network is no upscaler).
+    if default_model(scale, arch=name) is None:
+        raise ValueError(
+            f"--model {name}: no pretrained weights for {name} x{scale} yet; pass --weights FILE"
+        )
+    return name
 
 
 def _output_is_file(output: str, single_file: bool, found: int) -> bool:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nlsr.models.registry import register
+from nlsr.models.spec import ArchSpec
 from nlsr.resize import imresize, round_half_up
 
 #: Largest distance of ``x * 255`` from an integer for ``x`` to count as an 8-bit image
@@ -14,7 +14,6 @@ from nlsr.resize import imresize, round_half_up
 _GRID_TOLERANCE = 1e-3
 
 
-@register("bicubic", "bicubic interpolation, MATLAB-exact (the baseline; no parameters)")
 class Bicubic(nn.Module):
     """MATLAB ``imresize(lr, scale, 'bicubic')``, computed by :func:`nlsr.resize.imresize`.
 
@@ -43,3 +42,10 @@ class Bicubic(nn.Module):
         batch = x.detach().to("cpu", torch.float64).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         out = np.stack([self._resize(image) for image in batch])
         return torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device, x.dtype)
+
+
+ARCH = ArchSpec(
+    name="bicubic",
+    network=Bicubic,
+    description="bicubic interpolation, MATLAB-exact (the baseline; no parameters)",
+)

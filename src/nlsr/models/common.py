@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 #: DIV2K RGB mean used by every released model of the family.
@@ -63,21 +62,6 @@ class Upsampler(nn.Sequential):
         else:
             raise ValueError(f"scale must be 1, 2, 3, 4 or 8, got {scale}")
         super().__init__(*layers)
-
-
-def pad_to_multiple(
-    x: torch.Tensor, multiple: int, min_size: int = 1
-) -> tuple[torch.Tensor, int, int]:
-    """Reflect-pad (replicate where too small) the bottom/right so H, W are multiples of
-    ``multiple`` and at least ``min_size``; returns the padded tensor and the original H, W."""
-    h, w = x.shape[-2:]
-    th = max(math.ceil(h / multiple) * multiple, math.ceil(min_size / multiple) * multiple)
-    tw = max(math.ceil(w / multiple) * multiple, math.ceil(min_size / multiple) * multiple)
-    ph, pw = th - h, tw - w
-    if ph == 0 and pw == 0:
-        return x, h, w
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode), h, w
 
 
 def attention_positions(count: int, attention: str | None, every: int | None) -> set[int]:

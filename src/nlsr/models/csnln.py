@@ -16,14 +16,18 @@ Differences from the released code, none of which changes what a loaded checkpoi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from nlsr.attention.cross_scale import CrossScaleAttention, InScaleNonLocalAttention
-from nlsr.models.common import MeanShift, default_conv, pad_to_multiple
-from nlsr.models.registry import register
+from nlsr.checkpoint import CheckpointError
+from nlsr.models.common import MeanShift, default_conv
+from nlsr.models.readers import common, need
+from nlsr.models.spec import ArchSpec, PaperPreset
+from nlsr.padding import pad_to_multiple
 
 #: (kernel, stride, padding) of the strided convs / deconvs of the first projection stage, and the
 #: cross-scale factor of each attention, per scale. x4 stacks two x2 stages.
@@ -112,7 +116,6 @@ class RecurrentProjection(nn.Module):
         return self.post_conv(self.down_sample_2(hr)), hr
 
 
-@register("csnln", "CSNLN: cross-scale non-local attention with recurrent self-exemplar mining")
 class CSNLN(nn.Module):
     """CSNLN: recurrent self-exemplar mining with cross-scale and in-scale non-local attention.
 
@@ -175,3 +178,53 @@ class CSNLN(nn.Module):
             estimates.append(hr)
         out = self.add_mean(self.tail(torch.cat(estimates, dim=1)))
         return out[..., : self.scale * h, : self.scale * w]
+
+
+def _matches(sd: Mapping[str, Tensor]) -> bool:
+    """The recurrent cell's ``SEM.*`` keys."""
+    return any(k.startswith("SEM.") for k in sd)
+
+
+def _read(sd: Mapping[str, Tensor]) -> tuple[int, dict[str, Any]]:
+    options = common(sd, "head.0.0.weight", "csnln")
+    n_feats = options["n_feats"]
+    options["depth"] = int(need(sd, "tail.0.weight", "csnln").shape[1]) // n_feats
+    kernel = int(need(sd, "SEM.down_sample_1.0.weight", "csnln").shape[-1])
+    two_stage = any(k.startswith("SEM.multi_source_projection_2.") for k in sd)
+    scales = {(6, False): 2, (9, False): 3, (6, True): 4}
+    if (kernel, two_stage) not in scales:
+        raise CheckpointError(f"csnln down-sampling kernel {kernel} fits no scale (2, 3 or 4)")
+    width_key = "SEM.multi_source_projection.up_attention.conv_assembly.0.weight"
+    width = int(need(sd, width_key, "csnln").shape[0])
+    if width != n_feats:
+        # The released code hard-codes 128 attention channels, so only n_feats = 128 models run.
+        raise CheckpointError(
+            f"csnln attention width {width} differs from n_feats {n_feats}; no CSNLN (released or "
+            "nlsr) computes with such weights"
+        )
+    return scales[(kernel, two_stage)], options
+
+
+def _scale_keys(key: str) -> bool:
+    """The tail, and the strided (de)convolutions of the recurrent cell."""
+    if key.startswith("tail."):
+        return True
+    return key.startswith("SEM.") and any(
+        p in key for p in ("upsample", "down_sample", "error_encode")
+    )
+
+
+ARCH = ArchSpec(
+    name="csnln",
+    network=CSNLN,
+    description="CSNLN: cross-scale non-local attention with recurrent self-exemplar mining",
+    matches=_matches,
+    read=_read,
+    priority=70,
+    preset=PaperPreset(
+        "SHI-Labs/Cross-Scale-Non-Local-Attention", {"n_feats": 128, "depth": 12}, "3.06M"
+    ),
+    small={"n_feats": 32, "depth": 4},
+    scale_keys=_scale_keys,
+    tile_above=3600,
+)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from nlsr.attention.gla import GlobalLearnableAttention
 from nlsr.models.common import ResBlock, ResidualSR, default_conv
-from nlsr.models.registry import register
+from nlsr.models.readers import has_key, need, read_grouped, tail_scale
+from nlsr.models.spec import ArchSpec, PaperPreset
 
 
 class GLAFFM(nn.Module):
@@ -44,7 +48,6 @@ class GLAFFM(nn.Module):
         return self.body(x).mul(self.res_scale) + x
 
 
-@register("dlsn", "DLSN: global learnable attention (GLA) with super-bit LSH")
 class DLSN(ResidualSR):
     """DLSN: ``n_resgroups`` GLAFFM groups, a trunk conv and a sub-pixel tail; key names equal the
     released state dict, including the unused scalar parameter ``a``."""
@@ -70,3 +73,38 @@ class DLSN(ResidualSR):
         super().__init__(scale, n_feats, units, rgb_range=rgb_range, n_colors=n_colors)
         # Unused scalar parameter present in the released checkpoints.
         self.a = nn.Parameter(torch.zeros(1))
+
+
+def _matches(sd: Mapping[str, Tensor]) -> bool:
+    """GLA's ``conv_assembly_fc`` inside a group."""
+    return has_key(sd, r"body\.\d+\.body\.\d+\.conv_assembly_fc\.")
+
+
+def _read(sd: Mapping[str, Tensor]) -> tuple[int, dict[str, Any]]:
+    options, n = read_grouped(sd, "dlsn", "conv_match")
+    options["chunk_size"] = int(need(sd, f"body.0.body.{n}.fc.0.weight", "dlsn").shape[0])
+    return tail_scale(sd, options["n_feats"]), options
+
+
+ARCH = ArchSpec(
+    name="dlsn",
+    network=DLSN,
+    description="DLSN: global learnable attention (GLA) with super-bit LSH",
+    matches=_matches,
+    read=_read,
+    priority=50,
+    preset=PaperPreset(
+        "laoyangui/DLSN",
+        {
+            "n_resgroups": 10,
+            "n_resblocks": 4,
+            "n_feats": 256,
+            "reduction": 4,
+            "chunk_size": 128,
+            "n_hashes": 3,
+            "res_scale": 0.1,
+        },
+        "69.84M",
+    ),
+    small={"n_resgroups": 4, "n_resblocks": 2, "n_feats": 64},
+)

@@ -3,12 +3,16 @@ attention (sparsemax non-local attention). Key names equal the released checkpoi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from nlsr.attention.hspa import HSPA
 from nlsr.models.common import ResBlock, ResidualSR, default_conv
-from nlsr.models.registry import register
+from nlsr.models.readers import has_key, read_grouped, tail_scale
+from nlsr.models.spec import ArchSpec, PaperPreset
 
 
 class HSPAM(nn.Module):
@@ -37,7 +41,6 @@ class HSPAM(nn.Module):
         return self.body(x).mul(self.res_scale) + x
 
 
-@register("hspan", "HSPAN: high-similarity-pass attention (sparsemax)")
 class HSPAN(ResidualSR):
     """HSPAN: head conv, ``n_resgroups`` HSPAMs and a conv (global skip), sub-pixel tail.
 
@@ -66,3 +69,29 @@ class HSPAN(ResidualSR):
         super().__init__(scale, n_feats, units, rgb_range=rgb_range, n_colors=n_colors)
         # Unused scalar parameter present in the released checkpoints.
         self.a = nn.Parameter(torch.zeros(1))
+
+
+def _matches(sd: Mapping[str, Tensor]) -> bool:
+    """HSPA's ``conv_match1`` inside a group."""
+    return has_key(sd, r"body\.\d+\.body\.\d+\.conv_match1\.")
+
+
+def _read(sd: Mapping[str, Tensor]) -> tuple[int, dict[str, Any]]:
+    options, _ = read_grouped(sd, "hspan", "conv_match1")
+    return tail_scale(sd, options["n_feats"]), options
+
+
+ARCH = ArchSpec(
+    name="hspan",
+    network=HSPAN,
+    description="HSPAN: high-similarity-pass attention (sparsemax)",
+    matches=_matches,
+    read=_read,
+    priority=40,
+    preset=PaperPreset(
+        "laoyangui/HSPAN",
+        {"n_resgroups": 10, "n_resblocks": 4, "n_feats": 192, "reduction": 2, "topk": 128},
+        "32.29M",
+    ),
+    small={"n_resgroups": 4, "n_resblocks": 2, "n_feats": 64},
+)

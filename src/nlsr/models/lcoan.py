@@ -7,13 +7,18 @@ checkpoints, including the unused ``a`` and the idle k-means buffers of later gr
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from collections.abc import Mapping
+from typing import Any
 
-from nlsr.attention.buckets import BucketPattern
+import torch
+from torch import Tensor, nn
+
 from nlsr.attention.lcoa import LCoA
+from nlsr.attention.lcoa_pattern import BucketPattern
+from nlsr.checkpoint import CheckpointError
 from nlsr.models.common import MeanShift, ResBlock, Upsampler, default_conv
-from nlsr.models.registry import register
+from nlsr.models.readers import common, has_key, indices, need, tail_scale
+from nlsr.models.spec import ArchSpec, PaperPreset
 
 
 class LCoAGroup(nn.Module):
@@ -34,7 +39,6 @@ class LCoAGroup(nn.Module):
         return self.m_conv(res).mul(self.res_scale) + x, pattern
 
 
-@register("lcoan", "LCoAN: k-means learnable sparse pattern + collaborative attention")
 class LCoAN(nn.Module):
     """LCoAN: learnable (k-means) sparse pattern + collaborative attention (15.67M at x2).
 
@@ -96,3 +100,50 @@ class LCoAN(nn.Module):
             res, pattern = group(res, pattern)
         res = self.m_conv(res) + x
         return self.add_mean(self.tail(res))
+
+
+def _matches(sd: Mapping[str, Tensor]) -> bool:
+    """K-means buffers (``body.<g>.attention.0.kmeans.means``) or ``body.<g>.local_body``."""
+    return has_key(sd, r"body\.\d+\.attention\.0\.kmeans\.means$") or has_key(
+        sd, r"body\.\d+\.local_body\."
+    )
+
+
+def _read(sd: Mapping[str, Tensor]) -> tuple[int, dict[str, Any]]:
+    options = common(sd, "head.0.weight", "lcoan")
+    options["n_resgroups"] = len(indices(sd, r"body\.(\d+)\.attention\.0\."))
+    options["n_resblocks"] = len(indices(sd, r"body\.0\.local_body\.(\d+)\.body\.0\.weight$"))
+    match = need(sd, "body.0.attention.0.conv_match.0.weight", "lcoan")
+    options["reduction"] = options["n_feats"] // int(match.shape[0])
+    means = need(sd, "body.0.attention.0.kmeans.means", "lcoan")
+    if means.dim() != 3:
+        raise CheckpointError(
+            f"lcoan k-means means must be [rounds, clusters, d], got {list(means.shape)}"
+        )
+    options["n_hashes"] = int(means.shape[0])
+    options["n_clusters"] = int(means.shape[1])
+    return tail_scale(sd, options["n_feats"]), options
+
+
+ARCH = ArchSpec(
+    name="lcoan",
+    network=LCoAN,
+    description="LCoAN: k-means learnable sparse pattern + collaborative attention",
+    matches=_matches,
+    read=_read,
+    priority=60,
+    preset=PaperPreset(
+        "YigangZhao/LCoAN",
+        {
+            "n_resgroups": 10,
+            "n_resblocks": 4,
+            "n_feats": 128,
+            "reduction": 1,
+            "n_hashes": 1,
+            "n_clusters": 128,
+            "window_size": 384,
+        },
+        "15.67M",
+    ),
+    small={"n_resgroups": 4, "n_resblocks": 2, "n_feats": 64},
+)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
 
 from nlsr.attention.nlsa import NonLocalSparseAttention
 from nlsr.models.common import ResBlock, ResidualSR
-from nlsr.models.registry import register
+from nlsr.models.readers import common, indices, need, tail_scale
+from nlsr.models.spec import ArchSpec, PaperPreset
 
 
-@register("nlsn", "NLSN: non-local sparse attention (spherical LSH)")
 class NLSN(ResidualSR):
     """NLSN: NLSA, then ``n_resblocks`` residual blocks with another NLSA after every 8th, a conv,
     and a sub-pixel tail; key names equal the released state dict."""
@@ -41,3 +44,38 @@ class NLSN(ResidualSR):
             if (i + 1) % 8 == 0:
                 units.append(attention())
         super().__init__(scale, n_feats, units, rgb_range=rgb_range, n_colors=n_colors)
+
+
+def _matches(sd: Mapping[str, Tensor]) -> bool:
+    """The leading attention's ``body.0.conv_match``."""
+    return "body.0.conv_match.0.weight" in sd
+
+
+def _read(sd: Mapping[str, Tensor]) -> tuple[int, dict[str, Any]]:
+    options = common(sd, "head.0.weight", "nlsn")
+    options["n_resblocks"] = len(indices(sd, r"body\.(\d+)\.body\.0\.weight$"))
+    match = need(sd, "body.0.conv_match.0.weight", "nlsn")
+    options["reduction"] = options["n_feats"] // int(match.shape[0])
+    return tail_scale(sd, options["n_feats"]), options
+
+
+ARCH = ArchSpec(
+    name="nlsn",
+    network=NLSN,
+    description="NLSN: non-local sparse attention (spherical LSH)",
+    matches=_matches,
+    read=_read,
+    priority=30,
+    preset=PaperPreset(
+        "HarukiYqM/Non-Local-Sparse-Attention",
+        {
+            "n_resblocks": 32,
+            "n_feats": 256,
+            "chunk_size": 144,
+            "n_hashes": 4,
+            "res_scale": 0.1,
+        },
+        "41.80M",
+    ),
+    small={"n_resblocks": 8, "n_feats": 64},
+)

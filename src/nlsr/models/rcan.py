@@ -7,14 +7,16 @@ value from ``sub_mean.bias``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from nlsr.attention import create_attention
 from nlsr.models.common import ResidualSR, attention_positions, default_conv
-from nlsr.models.registry import register
+from nlsr.models.readers import check_body, common, has_key, indices, need, tail_scale
+from nlsr.models.spec import ArchSpec, PaperPreset
 
 
 class CALayer(nn.Module):
@@ -72,9 +74,6 @@ class ResidualGroup(nn.Module):
         return self.body(x) + x
 
 
-@register(
-    "rcan", "RCAN: residual groups of channel-attention blocks (optionally with an attention block)"
-)
 class RCAN(ResidualSR):
     """RCAN; ``attention`` names a block from ``nlsr.attention`` placed before every
     ``attention_every``-th residual group (default: once, before the middle group)."""
@@ -106,3 +105,37 @@ class RCAN(ResidualSR):
         super().__init__(
             scale, n_feats, units, rgb_range=rgb_range, n_colors=n_colors, chop_min_size=160000
         )
+
+
+def _matches(sd: Mapping[str, Tensor]) -> bool:
+    """Channel-attention keys (``...body.3.conv_du.0.weight``) inside groups."""
+    return has_key(sd, r"body\.\d+\.body\.\d+\.body\.3\.conv_du\.0\.weight$")
+
+
+def _read(sd: Mapping[str, Tensor]) -> tuple[int, dict[str, Any]]:
+    options = common(sd, "head.0.weight", "rcan")
+    groups = indices(sd, r"body\.(\d+)\.body\.\d+\.body\.0\.weight$")
+    check_body(sd, "rcan", groups, len(groups), r"body\.(\d+)\.")
+    blocks = indices(sd, r"body\.0\.body\.(\d+)\.body\.0\.weight$")
+    options["n_resgroups"] = len(groups)
+    options["n_resblocks"] = len(blocks)
+    squeeze = need(sd, "body.0.body.0.body.3.conv_du.0.weight", "rcan")
+    options["reduction"] = options["n_feats"] // int(squeeze.shape[0])
+    return tail_scale(sd, options["n_feats"]), options
+
+
+ARCH = ArchSpec(
+    name="rcan",
+    network=RCAN,
+    description="RCAN: residual groups of channel-attention blocks (optionally with an "
+    "attention block)",
+    matches=_matches,
+    read=_read,
+    priority=20,
+    preset=PaperPreset(
+        "yulunzhang/RCAN",
+        {"n_resgroups": 10, "n_resblocks": 20, "n_feats": 64, "reduction": 16},
+        "15.4M",
+    ),
+    small={"n_resgroups": 2, "n_resblocks": 4, "n_feats": 64},
+)

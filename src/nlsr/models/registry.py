@@ -1,59 +1,91 @@
-"""Registry of networks: create any model by name, as timm's ``create_model`` does."""
+"""The architectures nlsr knows: one :class:`ArchSpec` per network module, registered once.
+
+An architecture is one module under ``nlsr.models`` holding the network, how its checkpoints are
+recognised and read (:mod:`nlsr.models.detection`), its paper preset and its small benchmark
+configuration, declared as one ``ARCH = ArchSpec(...)`` (:mod:`nlsr.models.spec`). Adding one
+is that file plus its name in :data:`_MODULES`; everything else (``create``, detection,
+``nlsr models``, ``nlsr convert``, ``nlsr eval --weights``, ``nlsr bench``) finds it here.
+"""
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-Factory = Callable[..., nn.Module]
+from nlsr.models.spec import ArchSpec
 
-_MODELS: dict[str, Factory] = {}
-_DESCRIPTIONS: dict[str, str] = {}
+__all__ = [
+    "architectures",
+    "available",
+    "build",
+    "describe",
+    "options",
+    "register",
+    "small_config",
+    "spec",
+    "unregister",
+]
+
+#: Modules under ``nlsr.models`` that hold the built-in architectures (each named after its
+#: architecture and declaring its :class:`ArchSpec` as ``ARCH``), in the order ``nlsr models``
+#: lists their paper presets: the one place the architectures are listed.
+_MODULES = ("edsr", "rcan", "nlsn", "dlsn", "hspan", "lcoan", "csnln", "bicubic")
+
+_SPECS: dict[str, ArchSpec] = {}
 
 
-def register(name: str, description: str = "") -> Callable[[Factory], Factory]:
-    """Class or factory decorator: make ``create(name, scale, **options)`` build it."""
-
-    def wrap(factory: Factory) -> Factory:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
-        _MODELS[name] = factory
-        summary = (factory.__doc__ or "").strip().split("\n\n")[0]
-        _DESCRIPTIONS[name] = description or " ".join(summary.split())
-        return factory
-
-    return wrap
+def register(arch: ArchSpec) -> ArchSpec:
+    """Make ``arch`` known to ``create``, detection and the commands; returns it."""
+    if arch.name in _SPECS:
+        raise ValueError(f"architecture {arch.name!r} is registered twice")
+    _SPECS[arch.name] = arch
+    return arch
 
 
-#: Modules under ``nlsr.models`` whose import registers the networks.
-_MODULES = ("bicubic", "csnln", "dlsn", "edsr", "hspan", "lcoan", "nlsn", "rcan")
+def unregister(name: str) -> None:
+    """Forget architecture ``name`` (one registered from outside nlsr, e.g. in a test)."""
+    del _SPECS[_check(name)]
 
 
 def _load_all() -> None:
-    # Imported on first use (not at package import) so that attention modules can import
-    # ``nlsr.models.common`` without a cycle through the networks that use them.
+    # The networks are imported on first use, not with the registry: importing a network
+    # module (and its attention blocks) is only needed once a network is asked for. They do
+    # not import the registry, so this is the only direction of the dependency.
     for module in _MODULES:
-        importlib.import_module(f"nlsr.models.{module}")
+        if module not in _SPECS:
+            _SPECS[module] = importlib.import_module(f"nlsr.models.{module}").ARCH
+
+
+def architectures() -> list[ArchSpec]:
+    """Every registered architecture: the built-in ones in :data:`_MODULES` order, then the
+    others in registration order."""
+    _load_all()
+    order = {name: i for i, name in enumerate(_MODULES)}
+    return sorted(_SPECS.values(), key=lambda arch: order.get(arch.name, len(order)))
 
 
 def available() -> list[str]:
-    """Names accepted by :func:`create`, sorted."""
+    """Names accepted by ``create``, sorted."""
     _load_all()
-    return sorted(_MODELS)
+    return sorted(_SPECS)
+
+
+def spec(name: str) -> ArchSpec:
+    """The registered architecture ``name``; KeyError listing the available ones."""
+    return _SPECS[_check(name)]
 
 
 def describe(name: str) -> str:
     """One-line description of a registered model."""
-    return _DESCRIPTIONS[_check(name)]
+    return spec(name).description
 
 
 def options(name: str) -> dict[str, Any]:
     """Keyword options of model ``name`` (besides ``scale``) with their default values."""
-    params = inspect.signature(_MODELS[_check(name)]).parameters
+    params = inspect.signature(spec(name).network).parameters
     return {
         p.name: p.default
         for p in params.values()
@@ -61,37 +93,19 @@ def options(name: str) -> dict[str, Any]:
     }
 
 
+def small_config(name: str) -> dict[str, Any]:
+    """The reduced options of ``name`` for quick measurements ({} : the defaults)."""
+    return dict(spec(name).small)
+
+
+def build(name: str, scale: int = 2, **options: Any) -> nn.Module:
+    """A new, untrained network ``name`` for ``scale`` (in training mode), nothing recorded:
+    ``nlsr.models.create`` is the public entry."""
+    return spec(name).network(scale=scale, **options)
+
+
 def _check(name: str) -> str:
     _load_all()
-    if name not in _MODELS:
+    if name not in _SPECS:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(available())}")
     return name
-
-
-def create(name: str, scale: int = 2, *, pretrained: bool = False, **options: Any) -> nn.Module:
-    """Build model ``name`` for upscaling factor ``scale``; ``options`` override its defaults.
-
-    The returned module carries ``nlsr_config = {"arch", "scale", "options"}`` so that it can be
-    saved in nlsr's own format and rebuilt identically. ``pretrained=True`` returns the weights
-    shipped with nlsr instead (eval mode): ``name`` is a shipped model (``nlsr models``) or an
-    architecture, meaning its best shipped model for ``scale``; the shipped model fixes the options.
-    """
-    if pretrained:
-        if options:
-            raise ValueError(
-                f"create({name!r}, pretrained=True): options ({', '.join(sorted(options))}) "
-                "cannot be changed on shipped weights; build without pretrained=True"
-            )
-        from nlsr.pretrained import load_pretrained
-
-        return load_pretrained(name, scale)
-    if name not in available():
-        from nlsr.pretrained import available_pretrained
-
-        if name in available_pretrained():
-            raise KeyError(
-                f"{name!r} is a pretrained model: use create({name!r}, scale, pretrained=True)"
-            )
-    model = _MODELS[_check(name)](scale=scale, **options)
-    model.nlsr_config = {"arch": name, "scale": scale, "options": dict(options)}
-    return model

@@ -1,6 +1,6 @@
 """The training loop: L1 + Adam + step schedule, EMA, validation, exact resume, DDP, export.
 
-Files in the run folder:
+Files in the run folder (names in :mod:`nlsr.train.rundir`):
 ``config.yaml`` (resolved config, read by ``--resume``), ``checkpoint.pt`` (latest training
 state, replaced atomically), ``log.jsonl`` (one JSON record per log/validation event),
 ``final.safetensors`` / ``best.safetensors`` / ``ema.safetensors`` (nlsr-format weights with
@@ -10,14 +10,11 @@ training provenance), ``tb/`` (TensorBoard, when it is installed).
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
 import math
 import os
 import random
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -33,11 +30,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from nlsr.atomic import atomic_write
+from nlsr.inference import native_bf16
 from nlsr.train import distributed as D
-from nlsr.train.config import ConfigError, TrainConfig, parse_config, read_config_file, save_config
-from nlsr.train.config import apply_overrides as _apply_overrides
+from nlsr.train.config import ConfigError, TrainConfig
 from nlsr.train.data import LoadReport, PatchDataset, StepBatchSampler, TrainImages
+from nlsr.train.ema import ModelEMA
+from nlsr.train.events import EventLog
+from nlsr.train.rundir import CHECKPOINT_FILE, prepare_run_dir, stopped_error
 from nlsr.train.state import (
     ResumeError,
     capture_rng,
@@ -47,14 +46,10 @@ from nlsr.train.state import (
     save_checkpoint,
     scheduler_state,
 )
+from nlsr.train.validation import check_val_sets, score_val_sets
+from nlsr.train.weights import git_commit, load_initial_weights, provenance
 
 log = logging.getLogger("nlsr.train")
-
-CONFIG_FILE = "config.yaml"
-CHECKPOINT_FILE = "checkpoint.pt"
-LOG_FILE = "log.jsonl"
-#: prefix of the upsampler's tensors, re-initialised when fine-tuning to another scale
-UPSAMPLER_PREFIX = "tail.0."
 
 
 @dataclass
@@ -69,101 +64,6 @@ class TrainResult:
     ema: Path | None
     best_psnr: float | None
     data: LoadReport
-
-
-class ModelEMA:
-    """Exponential moving average of a model's weights (buffers are copied as they are)."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-
-    def decay_at(self, updates: int) -> float:
-        """The decay used for update number ``updates`` (1-based): warmed up as
-        ``min(decay, (1 + n) / (10 + n))`` so the initial weights fade out quickly."""
-        return min(self.decay, (1.0 + updates) / (10.0 + updates))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, updates: int) -> None:
-        """``ema = d * ema + (1 - d) * weights`` for every floating tensor, ``d = decay_at``."""
-        decay = self.decay_at(updates)
-        for e, p in zip(self.module.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach(), 1.0 - decay)
-        for e, b in zip(self.module.buffers(), model.buffers(), strict=True):
-            e.copy_(b)
-
-
-def git_commit() -> str | None:
-    """The commit of the nlsr source tree, or None when it is not a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def resume_config(run_dir: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
-    """The configuration saved in ``run_dir`` with optional ``key=value`` overrides applied
-    (e.g. ``train.iterations=...`` to extend a finished run)."""
-    run_dir = Path(run_dir)
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise ResumeError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); start it with --config")
-    if not (run_dir / CHECKPOINT_FILE).is_file():
-        raise ResumeError(f"{run_dir}: no {CHECKPOINT_FILE} yet, nothing to resume")
-    raw = _apply_overrides(read_config_file(path), overrides)
-    raw["run_dir"] = str(run_dir.resolve())
-    return parse_config(raw, source=str(path))
-
-
-def _read_state_dict(path: str, key: str) -> dict[str, torch.Tensor]:
-    from nlsr.checkpoint import read_state_dict
-
-    if not Path(path).is_file():
-        raise ConfigError(f"{key}: file {path} does not exist")
-    state, _ = read_state_dict(path)
-    return state
-
-
-def _load_initial_weights(model: nn.Module, cfg: TrainConfig) -> None:
-    """Apply ``train.warm_start`` (every tensor, strict) or ``train.finetune_from`` (every
-    tensor but the upsampler ``tail.0``, which depends on the scale)."""
-    t = cfg.train
-    if t.warm_start is not None:
-        state = _read_state_dict(t.warm_start, "train.warm_start")
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ConfigError(
-                f"train.warm_start: {t.warm_start} does not fit {cfg.model.arch}: {exc}"
-            ) from exc
-        log.info("warm start from %s", t.warm_start)
-    elif t.finetune_from is not None:
-        state = _read_state_dict(t.finetune_from, "train.finetune_from")
-        state = {k: v for k, v in state.items() if not k.startswith(UPSAMPLER_PREFIX)}
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as exc:
-            raise ConfigError(
-                f"train.finetune_from: {t.finetune_from} does not fit: {exc}"
-            ) from exc
-        missing = [k for k in missing if not k.startswith(UPSAMPLER_PREFIX)]
-        if missing or unexpected:
-            raise ConfigError(
-                f"train.finetune_from: {t.finetune_from} does not fit {cfg.model.arch}: "
-                f"missing {missing}, unexpected {unexpected}"
-            )
-        log.info(
-            "fine-tuning from %s (upsampler %s* re-initialised)", t.finetune_from, UPSAMPLER_PREFIX
-        )
 
 
 @contextlib.contextmanager
@@ -200,36 +100,73 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 class Trainer:
-    """One training run; :meth:`run` trains to ``train.iterations`` or until interrupted."""
+    """One training run, set up whole by the constructor (run folder, data, model, EMA,
+    optimizer, schedule, the checkpoint's state when resuming); :meth:`run` trains to
+    ``train.iterations`` or until interrupted, :meth:`close` releases the progress bar and
+    TensorBoard. :func:`train` wraps it in the process group and the torch settings."""
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False) -> None:
+    def __init__(self, config: TrainConfig, dist: D.DistInfo, *, resume: bool = False) -> None:
         self.cfg = config
         self.resume = resume
+        self.dist = dist
+        self.device = dist.device
+        amp = config.train.amp
+        # bf16 autocast: on CUDA and the CPU only; by default where bf16 is native (faster)
+        self.use_amp = self.device.type in ("cuda", "cpu") and (
+            native_bf16(self.device) if amp is None else amp
+        )
+        self.commit = git_commit()
         self.run_dir = Path(config.run_dir or ".")
         self.stop_signal: int | None = None
         self.step = 0
         self.best_psnr: float | None = None
         self.best_step: int | None = None
         self.best_path: Path | None = None
+        self.bar: tqdm | None = None  # made when the loop starts: none for a completed run
+        prepare_run_dir(config, self.run_dir, resume=resume, write=dist.is_main)
+        D.barrier(dist)
+        self.events = EventLog(self.run_dir, enabled=dist.is_main)
+        self.images = self._load_images()
+        self.model = self._build_model()
+        self.ema = ModelEMA(self.model, config.optim.ema) if config.optim.ema is not None else None
+        self.net = self._wrap(self.model)
+        if dist.rank:  # each rank its own stream (hashing attention)
+            torch.manual_seed(config.train.seed + dist.rank)
+        o = config.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps)
+        self.scheduler = self._schedule(self.optimizer)
+        if dist.is_main:
+            check_val_sets(config)
+        if resume:
+            self._restore()
+        self.events.open_tensorboard()
 
     # ------------------------------------------------------------------ setup
 
-    def _prepare_run_dir(self) -> None:
-        ckpt = self.run_dir / CHECKPOINT_FILE
-        if self.resume:
-            if not ckpt.is_file():
-                raise ResumeError(f"{self.run_dir}: no {CHECKPOINT_FILE} to resume from")
-        elif ckpt.exists():
-            raise ConfigError(
-                f"run_dir: {self.run_dir} already holds a run; continue it with "
-                f"`nlsr train --resume {self.run_dir}` or choose another run_dir"
-            )
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / CONFIG_FILE)
-        D.barrier(self.dist)
+    def _load_images(self) -> TrainImages:
+        d = self.cfg.data
+        images = TrainImages(
+            d,
+            self.cfg.model.scale,
+            self.cfg.train.seed,
+            cache_dir=self.run_dir / "data_cache" / f"rank{self.dist.rank}",
+            threads=max(1, d.workers),
+        )
+        r = images.report
+        log.info(
+            "training images: %d used of %d found (%d unreadable, %d too small, %d without LR)",
+            r.used,
+            r.found,
+            len(r.unreadable),
+            len(r.too_small),
+            len(r.unpaired),
+        )
+        return images
 
-    def _build_model(self) -> None:
+    def _build_model(self) -> nn.Module:
+        """The network, seeded with ``train.seed``, its initial weights loaded (a resumed run
+        takes every weight from its checkpoint), on the device, in training mode."""
         from nlsr.models import create
 
         m = self.cfg.model
@@ -245,64 +182,28 @@ class Trainer:
             ) from exc
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"model.arch: {m.arch} has no trainable parameters")
-        if not self.resume:  # a resumed run takes every weight from its checkpoint
-            _load_initial_weights(model, self.cfg)
+        if not self.resume:
+            load_initial_weights(model, self.cfg)
         model.to(self.device)
         if self.cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         model.train()
-        self.model = model
-        self.ema = ModelEMA(model, self.cfg.optim.ema) if self.cfg.optim.ema is not None else None
-        if self.dist.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net: nn.Module = DistributedDataParallel(model, device_ids=ids)
-        else:
-            self.net = model
-        if self.dist.rank:
-            torch.manual_seed(seed + self.dist.rank)  # each rank its own stream (hashing attention)
+        return model
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """What the steps call: the model itself, or DistributedDataParallel around it."""
+        if not self.dist.distributed:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def _schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         o = self.cfg.optim
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps)
         if o.schedule == "cosine":
-            self.scheduler: torch.optim.lr_scheduler.LRScheduler = (
-                torch.optim.lr_scheduler.CosineAnnealingLR(
-                    self.optimizer, self.cfg.train.iterations, o.min_lr
-                )
+            return torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, self.cfg.train.iterations, o.min_lr
             )
-        else:
-            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-                self.optimizer, o.milestones, o.gamma
-            )
-
-    def _load_data(self) -> None:
-        d = self.cfg.data
-        cache_dir = self.run_dir / "data_cache" / f"rank{self.dist.rank}"
-        self.images = TrainImages(
-            d,
-            self.cfg.model.scale,
-            self.cfg.train.seed,
-            cache_dir=cache_dir,
-            threads=max(1, d.workers),
-        )
-        r = self.images.report
-        log.info(
-            "training images: %d used of %d found (%d unreadable, %d too small, %d without LR)",
-            r.used,
-            r.found,
-            len(r.unreadable),
-            len(r.too_small),
-            len(r.unpaired),
-        )
-
-    def _prepare_validation(self) -> None:
-        """Check that the validation sets exist before training starts (rank 0 validates)."""
-        v = self.cfg.val
-        if v.every == 0 or not self.dist.is_main:
-            return
-        from nlsr.data import benchmark_images
-
-        for name in v.sets:
-            benchmark_images(name, v.data_root)
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, o.milestones, o.gamma)
 
     def _restore(self) -> None:
         state = load_checkpoint(self.run_dir / CHECKPOINT_FILE)
@@ -341,36 +242,10 @@ class Trainer:
                 self.dist.world_size,
             )
             torch.manual_seed(self.cfg.train.seed + 7919 * self.step + self.dist.rank)
-        if self.dist.is_main:
-            self._prune_log()
+        self.events.prune(self.step)
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
-    def _prune_log(self) -> None:
-        path = self.run_dir / LOG_FILE
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                if json.loads(line).get("step", 0) <= self.step:
-                    kept.append(line + "\n")
-        atomic_write(path, lambda fh: fh.write("".join(kept).encode("utf-8")))
-
     # ------------------------------------------------------------------ pieces of a step
-
-    def _record(self, record: dict[str, Any]) -> None:
-        if not self.dist.is_main:
-            return
-        with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            scalars = {
-                k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"
-            }
-            for name, scores in record.get("sets", {}).items():
-                scalars.update({f"{name}/{metric}": value for metric, value in scores.items()})
-            for key, value in scalars.items():
-                self.tb.add_scalar(f"{record['event']}/{key}", value, record["step"])
 
     def _train_step(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         dev = self.device
@@ -393,36 +268,14 @@ class Trainer:
     def _validate(self) -> None:
         """Rank 0 scores the EMA weights (or the model) on every val set; tracks the best."""
         if self.dist.is_main:
-            from nlsr.evaluation import evaluate
-
             module = self.ema.module if self.ema is not None else self.model
-            devices = [self.device.index or 0] if self.device.type == "cuda" else []
-            v, d = self.cfg.val, self.cfg.data
-            scores: dict[str, dict[str, float]] = {}
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                module.eval()
-                try:
-                    for name in v.sets:
-                        res = evaluate(
-                            module,
-                            name,
-                            self.cfg.model.scale,
-                            degradation=d.degradation,
-                            noise_sigma=d.noise_sigma,
-                            data_root=v.data_root,
-                            max_images=v.max_images,
-                            device=self.device,
-                        )
-                        scores[name] = {"psnr": float(res.psnr), "ssim": float(res.ssim)}
-                finally:
-                    if self.ema is None:
-                        module.train()
+            scores = score_val_sets(module, self.cfg, self.device)
             mean = sum(s["psnr"] for s in scores.values()) / len(scores)
             improved = self.best_psnr is None or mean > self.best_psnr
             if improved:
                 self.best_psnr, self.best_step = mean, self.step
                 self.best_path = self._export(module, "best")
-            self._record(
+            self.events.record(
                 {
                     "event": "val",
                     "step": self.step,
@@ -458,37 +311,28 @@ class Trainer:
             save_checkpoint(state, self.run_dir / CHECKPOINT_FILE)
         D.barrier(self.dist)
 
-    def _provenance(self, weights: str) -> dict[str, Any]:
-        from nlsr import __version__
-
-        r = self.images.report
-        return {
-            "training": {
-                "weights": weights,
-                "iterations": self.step,
-                "config": self.cfg.to_dict(),
-                "data": {
-                    "train_dirs": self.cfg.data.train_dirs,
-                    "images_used": r.used,
-                    "images_found": r.found,
-                    "degradation": self.cfg.data.degradation,
-                    "noise_sigma": self.cfg.data.noise_sigma,
-                },
-                "best": {
-                    "mean_psnr": self.best_psnr,
-                    "step": self.best_step,
-                    "sets": self.cfg.val.sets,
-                },
-                "git_commit": self.commit,
-                "nlsr_version": __version__,
-                "torch_version": torch.__version__,
-            }
-        }
-
     def _export(self, module: nn.Module, name: str) -> Path:
-        from nlsr.checkpoint import save
+        from nlsr.checkpoint import save_state
 
-        return save(module, self.run_dir / f"{name}.safetensors", metadata=self._provenance(name))
+        metadata = provenance(
+            self.cfg,
+            weights=name,
+            step=self.step,
+            data=self.images.report,
+            best_psnr=self.best_psnr,
+            best_step=self.best_step,
+            commit=self.commit,
+        )
+        m = self.cfg.model
+        path = self.run_dir / f"{name}.safetensors"
+        return save_state(
+            module.state_dict(),
+            path,
+            arch=m.arch,
+            scale=m.scale,
+            options=m.options,
+            metadata=metadata,
+        )
 
     def _write(self, text: str) -> None:
         if self.dist.is_main:
@@ -505,41 +349,24 @@ class Trainer:
         self.stop_signal = signum
 
     def run(self) -> TrainResult:
-        """Set up, train (resuming if asked), validate, checkpoint, export; see the module doc."""
-        cfg = self.cfg
-        self.dist = D.setup(cfg.train.device)
-        self.device = self.dist.device
-        self.use_amp = cfg.train.amp and self.device.type in ("cuda", "cpu")
-        self.commit = git_commit()
-        self.tb = None
-        self.bar: tqdm | None = None
+        """Train from the current step (validating, checkpointing), then export; SIGINT and
+        SIGTERM stop it at the end of a step with a checkpoint; see the module doc."""
         handlers: dict[int, Any] = {}
         try:
-            with _torch_settings(cfg, self.device):
-                self._prepare_run_dir()
-                self._load_data()
-                self._build_model()
-                self._prepare_validation()
-                if self.resume:
-                    self._restore()
-                if self.dist.is_main:
-                    with contextlib.suppress(ImportError):
-                        from torch.utils.tensorboard import SummaryWriter
-
-                        self.tb = SummaryWriter(str(self.run_dir / "tb"))
-                if threading.current_thread() is threading.main_thread():
-                    for sig in (signal.SIGINT, signal.SIGTERM):
-                        handlers[sig] = signal.signal(sig, self._on_signal)
-                interrupted = self._loop()
-                return self._finish(interrupted)
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    handlers[sig] = signal.signal(sig, self._on_signal)
+            interrupted = self._loop()
+            return self._finish(interrupted)
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-            if self.bar is not None:
-                self.bar.close()
-            if self.tb is not None:
-                self.tb.close()
-            D.teardown(self.dist)
+
+    def close(self) -> None:
+        """Close the progress bar and the TensorBoard writer."""
+        if self.bar is not None:
+            self.bar.close()
+        self.events.close()
 
     def _loop(self) -> bool:
         cfg, t = self.cfg, self.cfg.train
@@ -583,12 +410,14 @@ class Trainer:
             desc=f"{cfg.model.arch} x{cfg.model.scale}",
         )
         if self.dist.is_main:
-            self._record(
+            self.events.record(
                 {
                     "event": "start",
                     "step": start,
                     "world_size": self.dist.world_size,
                     "device": str(self.device),
+                    "amp": self.use_amp,
+                    "channels_last": self.cfg.train.channels_last,
                     "images": self.images.report.used,
                 }
             )
@@ -609,7 +438,7 @@ class Trainer:
                     )
                 speed = window_steps / max(time.perf_counter() - window_start, 1e-9)
                 lr_now = self.scheduler.get_last_lr()[0]
-                self._record(
+                self.events.record(
                     {
                         "event": "train",
                         "step": self.step,
@@ -653,7 +482,7 @@ class Trainer:
             final = self._export(self.model, "final")
             if self.ema is not None:
                 ema = self._export(self.ema.module, "ema")
-            self._record(
+            self.events.record(
                 {
                     "event": "end",
                     "step": self.step,
@@ -675,5 +504,24 @@ class Trainer:
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Train ``config`` (or continue the run in ``config.run_dir`` when ``resume``)."""
-    return Trainer(config, resume=resume).run()
+    """Train ``config`` (or continue the run in ``config.run_dir`` when ``resume``).
+
+    An OSError that ends the run (a full disk...) is raised again with what became of the run:
+    whether the last checkpoint is intact, and how to continue it."""
+    try:
+        return _train(config, resume)
+    except OSError as exc:
+        raise stopped_error(exc, Path(config.run_dir or ".")) from exc
+
+
+def _train(config: TrainConfig, resume: bool) -> TrainResult:
+    dist = D.setup(config.train.device)
+    try:
+        with _torch_settings(config, dist.device):
+            trainer = Trainer(config, dist, resume=resume)
+            try:
+                return trainer.run()
+            finally:
+                trainer.close()
+    finally:
+        D.teardown(dist)

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+import nlsr.bench.inputs
 from nlsr.attention import available_attention
+from nlsr.attention.reference import naive_sparsemax
+from nlsr.bench.inputs import load_source, make_inputs, real_features, real_images, window
 from nlsr.bench.measuring import BenchError, MemoryMeter, extrapolate, fit_exponent, measure
-from nlsr.bench.reporting import SCHEMA_VERSION, Row, Settings, parse_bytes
+from nlsr.bench.reporting import SCHEMA_VERSION, Row, Settings, parse_bytes, read_json
 from nlsr.bench.suite import (
     PROBE_FROM,
     SharedPatternAdapter,
@@ -361,3 +366,152 @@ def test_mode_option_names_the_measured_modes(mode: str, tmp_path: Path) -> None
     assert _bench(f"{options} --quiet --json", out) == 0
     measured = [row["mode"] for row in json.loads(out.read_text())["rows"]]
     assert measured == (["infer", "train"] if mode != "train" else ["train"])
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _captured_inputs(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The inputs every measured point of the suite is timed on, recorded as they are made."""
+    import nlsr.bench.suite
+
+    seen: list[torch.Tensor] = []
+    real_workload = nlsr.bench.suite.workload
+
+    def recording(module: torch.nn.Module, inputs: torch.Tensor, mode: str):
+        seen.append(inputs.detach().clone())
+        return real_workload(module, inputs, mode)
+
+    monkeypatch.setattr(nlsr.bench.suite, "workload", recording)
+    return seen
+
+
+def test_real_inputs_are_deterministic_standardised_features_of_the_image() -> None:
+    source = load_source()
+    assert source.shape == (3, 256, 256) and source.min() >= 0 and source.max() <= 1
+    cpu = torch.device("cpu")
+    shape = (2, 16, 20, 20)
+    first = make_inputs("block", shape, source, 0, cpu)
+    assert first.shape == shape and first.dtype == torch.float32
+    assert torch.equal(first, make_inputs("block", shape, source, 0, cpu))  # deterministic
+    std = first.std(dim=(2, 3), correction=0)
+    assert torch.allclose(std, torch.ones_like(std), atol=1e-5)
+    assert first.mean(dim=(2, 3)).abs().max() < 1e-5
+    assert not torch.equal(first[0], first[1])  # items are the window turned differently
+    torch.manual_seed(0)
+    random = torch.randn(shape)
+    assert not torch.allclose(first, random, atol=0.5)
+
+    # Real features are spatially correlated (neighbours alike), random ones are not.
+    def neighbour_correlation(x: torch.Tensor) -> float:
+        return float((x[..., 1:] * x[..., :-1]).mean())
+
+    assert neighbour_correlation(first) > 0.1 > 0.05 > abs(neighbour_correlation(random))
+    assert not torch.equal(first, make_inputs("block", shape, source, 1, cpu))  # --seed counts
+    images = make_inputs("model", (1, 3, 20, 20), source, 0, cpu)
+    assert images.shape == (1, 3, 20, 20) and images.min() >= 0 and images.max() <= 1
+    assert torch.equal(images[0], source[:, 118:138, 118:138])  # the centred crop
+
+
+def test_a_window_larger_than_the_image_is_mirrored_beyond_it() -> None:
+    source = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    big = window(source, 7)  # rows -2..4 of 3, columns -2..4 of 4: edges repeated
+    assert big.shape == (2, 7, 7)
+    assert big[0, :, 2].tolist() == [source[0, r, 0].item() for r in (1, 0, 0, 1, 2, 2, 1)]
+    assert big[1, 2, :].tolist() == [source[1, 0, c].item() for c in (1, 0, 0, 1, 2, 3, 3)]
+    assert torch.equal(window(source, 2), source[:, 0:2, 1:3])
+    assert real_images(torch.rand(3, 10, 10), 300, batch=9).shape == (9, 3, 300, 300)
+
+
+def test_random_input_reproduces_the_old_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nlsr.attention import create_attention
+
+    seen = _captured_inputs(monkeypatch)
+    settings = Settings(
+        blocks=["nla"], models=["bicubic"], sizes=[8], channels=4, modes=["infer"], repeat=1
+    )
+    run_suite(replace(settings, input="random", seed=3))
+    torch.manual_seed(3)
+    create_attention("nla", 4)
+    assert torch.equal(seen[0], torch.randn(1, 4, 8, 8))
+    torch.manual_seed(3)
+    build_model("bicubic")
+    assert torch.equal(seen[1], torch.rand(1, 3, 8, 8))
+    run_suite(settings)  # real, the default
+    source = load_source()
+    assert torch.equal(seen[2], make_inputs("block", (1, 4, 8, 8), source, 0, torch.device("cpu")))
+    assert torch.equal(seen[3], real_images(source, 8))
+
+
+def _dense_supports(block: torch.nn.Module, x: torch.Tensor, step: int = 1) -> list[int]:
+    """Support sizes of HSPA ``block`` on ``x`` from the dense float64 reference sparsemax."""
+    with torch.no_grad():
+        theta = block.conv_match1(x).flatten(2).transpose(1, 2).double()
+        phi = block.conv_match2(x).flatten(2).double()
+        weights = naive_sparsemax(theta[:, ::step] @ phi)
+    return (weights > 0).sum(-1).flatten().tolist()
+
+
+@pytest.mark.parametrize("limit", [None, 10])
+def test_hspa_support_report_equals_a_dense_count(
+    limit: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nlsr.attention import create_attention
+
+    if limit is not None:  # 144 positions, at most 10 queries counted: every 15th
+        monkeypatch.setattr(nlsr.bench.inputs, "SUPPORT_QUERIES", limit)
+    settings = Settings(
+        blocks=["hspa"], sizes=[12], channels=16, modes=["infer"], repeat=1, baseline="released"
+    )
+    ours, released = run_suite(settings).rows
+    torch.manual_seed(0)
+    block = create_attention("hspa", 16)
+    x = real_features(load_source(), 12, 16)
+    want = _dense_supports(block, x, 1 if limit is None else 15)
+    assert len(want) == (144 if limit is None else 10)
+    assert ours.supports is not None
+    assert ours.supports["median"] == statistics.median(want)
+    assert ours.supports["max"] == max(want)
+    assert ours.supports["mean"] == pytest.approx(statistics.fmean(want))
+    assert (ours.supports["queries"], ours.supports["calls"]) == (len(want), 1)
+    assert released.supports == ours.supports  # the released form meets the same supports
+
+
+def test_supports_of_every_hspa_block_of_a_network_and_none_elsewhere() -> None:
+    from nlsr.attention.hspa import HSPA
+
+    report = run_suite(
+        Settings(blocks=["nla"], models=["hspan"], sizes=[8], channels=8, modes=["infer"], repeat=1)
+    )
+    block, network = report.rows
+    assert block.supports is None
+    blocks = sum(isinstance(m, HSPA) for m in build_model("hspan").modules())
+    assert blocks >= 2
+    assert network.supports["calls"] == len(network.supports["call_medians"]) == blocks
+    assert network.supports["queries"] == 64 * blocks
+
+    # Real content widens the supports (C = 64, 24x24: median 7 and largest 29 keys, 4 and 10
+    # on random maps).
+    settings = Settings(blocks=["hspa"], sizes=[24], channels=64, modes=["infer"], repeat=1)
+    (real,) = run_suite(settings).rows
+    (random,) = run_suite(replace(settings, input="random")).rows
+    assert real.supports["median"] > random.supports["median"]
+    assert real.supports["max"] > 2 * random.supports["max"]
+
+
+def test_input_options_and_old_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--blocks", "nla", "--input", "random", "--input-image", "x.png"]) == 2
+    assert "--input-image" in capsys.readouterr().err
+    assert main(["bench", "--blocks", "nla", "--sizes", "8", "--input-image", "nosuch.png"]) == 2
+    assert "nosuch.png" in capsys.readouterr().err
+    out = tmp_path / "b.json"
+    assert _bench("--blocks hspa --sizes 8 --repeat 1 --mode infer --quiet --json", out) == 0
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["input"] == "real" and saved["settings"]["input_image"] is None
+    assert saved["rows"][0]["supports"]["queries"] == 64
+    assert "inputs: real" in capsys.readouterr().out
+    old = tmp_path / "old.json"  # written before --input: no input setting, no supports
+    del saved["settings"]["input"], saved["settings"]["input_image"], saved["rows"][0]["supports"]
+    old.write_text(json.dumps(saved))
+    report = read_json([old])
+    assert report.settings.input == "random" and report.rows[0].supports is None

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FIXTURES, require
 
-from nlsr.attention import create_attention
+import nlsr
+from nlsr.attention import create_attention, cross_scale
 from nlsr.attention.cross_scale import CrossScaleAttention, InScaleNonLocalAttention
+from nlsr.attention.reference import (
+    ReleasedCrossScaleAttention,
+    ReleasedFormError,
+    released_baseline,
+)
+from nlsr.io import read_image
 from nlsr.models import create
 
 
@@ -115,6 +124,89 @@ def test_cross_scale_attention_matches_released_transposed_convolution(scale, hw
     x = torch.randn(2, 6, *hw, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(m(x), _released_cross_scale(m, x), rtol=1e-10, atol=1e-10)
+
+
+def _real_features(channels: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[2, channels, size, size]``: two crops of the bundled sample through a fixed seeded
+    3x3 convolution, normalised per channel (features of a real image, not noise)."""
+    pixels = read_image(Path(nlsr.__file__).parent / "assets" / "sample.png").pixels
+    img = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].to(dtype) / 255
+    crops = torch.cat([img[..., :size, :size], img[..., -size:, -size:]])
+    head = torch.nn.Conv2d(3, channels, 3, padding=1).to(dtype)
+    with torch.no_grad():
+        x = head(crops)
+    return (x - x.mean(dim=(2, 3), keepdim=True)) / x.std(dim=(2, 3), keepdim=True)
+
+
+def _outputs_and_grads(module, x, grad):
+    """The output of ``module(x)`` and the gradients of ``(out * grad).sum()`` w.r.t. ``x`` and
+    every parameter (zeros where a parameter gets none)."""
+    x = x.detach().clone().requires_grad_(True)
+    out = module(x)
+    params = list(module.parameters())
+    grads = torch.autograd.grad(out, [x, *params], grad, allow_unused=True)
+    filled = [
+        torch.zeros_like(t) if g is None else g for t, g in zip([x, *params], grads, strict=True)
+    ]
+    return [out.detach(), *filled]
+
+
+@pytest.mark.parametrize("block_elements", [2**22, 1, 300])
+@pytest.mark.parametrize(
+    ("scale", "hw", "average", "ksize"),
+    [(2, (10, 12), True, 3), (3, (9, 7), True, 3), (2, (8, 10), False, 3), (2, (7, 9), True, 5)],
+)
+def test_blocked_kernel_matches_released_form_with_gradients(
+    block_elements, scale, hw, average, ksize, monkeypatch
+):
+    """The blocked kernel (whole image, one query row, a few rows per block) equals the released
+    conv2d / softmax / conv_transpose2d form in float64: outputs and all gradients."""
+    monkeypatch.setattr(cross_scale, "BLOCK_ELEMENTS", block_elements)
+    torch.manual_seed(5)
+    m = CrossScaleAttention(6, scale=scale, average=average, ksize=ksize).double()
+    _perturb_prelus(m)
+    x = torch.randn(2, 6, *hw, dtype=torch.float64)
+    grad = torch.randn(2, 6, scale * hw[0], scale * hw[1], dtype=torch.float64)
+    ours = _outputs_and_grads(m, x, grad)
+    released = _outputs_and_grads(ReleasedCrossScaleAttention(m), x, grad)
+    for a, b in zip(ours, released, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_matches_float64_released_form_on_real_features(monkeypatch):
+    """On features of a real image, the float32 kernel (in blocks of rows) equals the float64
+    released form to 1e-5 relative to each tensor's largest entry (at least 1), outputs and
+    gradients (the weight gradients reach ~100; the released form in float32 is as far)."""
+    monkeypatch.setattr(cross_scale, "BLOCK_ELEMENTS", 5000)
+    torch.manual_seed(2)
+    m = CrossScaleAttention(16, scale=2)
+    x = _real_features(16, 20, torch.float64)
+    grad = torch.randn(2, 16, 40, 40, dtype=torch.float64)
+    ours = _outputs_and_grads(m, x.float(), grad.float())
+    released = _outputs_and_grads(ReleasedCrossScaleAttention(m.double()), x, grad)
+    for a, b in zip(ours, released, strict=True):
+        tol = 1e-5 * max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=tol)
+
+
+def test_released_form_rejects_strided_keys():
+    with pytest.raises(ReleasedFormError, match="stride 1"):
+        released_baseline(CrossScaleAttention(4, stride=2))
+
+
+@pytest.mark.shared
+def test_released_form_reproduces_official_fixture():
+    """The released form, swapped into CSNLN by released_baseline, reproduces the official
+    output: it computes what the authors' code computes."""
+    case = require(FIXTURES / "csnln_x2")
+    model = create("csnln", 2, n_feats=32, depth=2).eval()
+    model.load_state_dict(torch.load(case / "checkpoint.pt", weights_only=True), strict=True)
+    model = released_baseline(model)
+    assert any(isinstance(m, ReleasedCrossScaleAttention) for m in model.modules())
+    with torch.no_grad():
+        out = model(torch.load(case / "input.pt", weights_only=True))
+    expected = torch.load(case / "output.pt", weights_only=True)
+    assert (out - expected).abs().max().item() <= 1e-5
 
 
 def test_in_scale_attention_matches_naive_loops():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -371,3 +373,91 @@ def test_recomputed_weights_are_bitwise_the_forward_weights(normaliser: str) -> 
     if normaliser == "sparsemax":
         assert torch.equal(weights, sparsemax_rows(scores, 4))
         assert 0 < int((weights > 0).sum()) < weights.numel() // 2  # a genuinely sparse case
+
+
+# ---------------------------------------------------------------- real features, wide supports
+
+SAMPLE = Path(__file__).resolve().parents[1] / "src" / "nlsr" / "assets" / "sample.png"
+
+
+def _real_features(side: int) -> list[tuple[HSPA, torch.Tensor]]:
+    """Every HSPA block of a seeded HSPAN (48 channels) with the input it gets from a crop of
+    the bundled sample image: the features the block sees in the network."""
+    from nlsr.io import read_image
+
+    pixels = torch.from_numpy(read_image(SAMPLE).pixels.astype("float32") / 255.0)
+    image = pixels[40 : 40 + side, 60 : 60 + side].permute(2, 0, 1).unsqueeze(0)
+    torch.manual_seed(0)
+    model = create("hspan", 2, n_resgroups=2, n_resblocks=1, n_feats=48).eval()
+    captured: list[tuple[HSPA, torch.Tensor]] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda m, inp: captured.append((m, inp[0])))
+        for m in model.modules()
+        if isinstance(m, HSPA)
+    ]
+    with torch.no_grad():
+        model(image)
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0], ids=["dense-rows", "sparse-rows"])
+def test_hspa_equals_float64_dense_on_real_features(
+    fraction: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the features of a real image (supports of tens to hundreds of keys), the block
+    (fixed-point threshold, blocked, dense or sparse rows) equals the float64 dense sparsemax
+    attention: in float32 to 1e-6 (output; input gradient relative to its largest entry), in
+    float64 to 1e-10 (output and every gradient, parameters included: their float32 sums over
+    positions round above 1e-6)."""
+    monkeypatch.setattr(hspa, "SPARSE_FRACTION", fraction)
+    monkeypatch.setattr(hspa, "SPARSE_MIN_KEYS", 1)
+    for block, x in _real_features(32):
+        _, size = sparsemax_threshold(*_zeroed_scores(block, x))
+        assert size.max().item() > 64 and size.float().median().item() > 8  # wide supports
+        upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).double()
+        exact = HSPA(48, topk=128).double()
+        exact.load_state_dict(block.state_dict())
+        ref, g_ref = _output_and_gradients(lambda t, m=exact: naive_hspa(m, t), exact, x, upstream)
+        block.block_size = 300  # several query blocks, the last one short
+        ours, g_ours = _output_and_gradients(block, block, x.float(), upstream.float())
+        assert (ours.double() - ref).abs().max().item() <= 1e-6
+        scale = max(1.0, g_ref[0].abs().max().item())  # the skip passes upstream (~2.5) on
+        assert (g_ours[0].double() - g_ref[0]).abs().max().item() <= 1e-6 * scale
+        wide = copy.deepcopy(block).double()
+        ours, g_ours = _output_and_gradients(wide, wide, x, upstream)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+        for a, b in zip(g_ours, g_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def _output_and_gradients(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    upstream: torch.Tensor,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``fn(x)`` and the gradients of ``<fn(x), upstream>`` to ``x`` and ``module``'s
+    parameters, in ``x``'s precision."""
+    leaf = x.to(upstream.dtype).clone().requires_grad_()
+    out = fn(leaf)
+    return out, torch.autograd.grad(out, [leaf, *module.parameters()], upstream)
+
+
+def _zeroed_scores(block: HSPA, x: torch.Tensor) -> tuple[torch.Tensor]:
+    """The block's scores on ``x``, row maxima subtracted."""
+    with torch.no_grad():
+        theta = block.conv_match1(x).flatten(2).transpose(1, 2)
+        s = theta @ block.conv_match2(x).flatten(2)
+    return (s - s.amax(-1, keepdim=True),)
+
+
+def test_fixed_point_falls_back_to_a_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows still moving after MAX_STEPS get their threshold from a full sort: same weights."""
+    block, x = _real_features(24)[0]
+    (z,) = _zeroed_scores(block, x)
+    want = naive_sparsemax(z.double())
+    for steps in (1, 2, 3, 64):
+        monkeypatch.setattr(hspa, "MAX_STEPS", steps)
+        torch.testing.assert_close(sparsemax_rows(z).double(), want, rtol=0, atol=1e-6)

@@ -12,13 +12,17 @@ Sparsemax (Martins & Astudillo, 2016), with ``z = s - max(s)`` sorted decreasing
 The released code finds the sorted prefix with ``torch.topk(topk)`` and, for the rows whose
 support fills all ``topk`` slots, redoes the search with ``2 topk`` (then 4 topk, ... and a full
 sort once that reaches L), so ``topk`` speeds up the search without ever capping the support.
-:func:`sparsemax_threshold` gives the same tau and support faster: the maxima of groups of 64
-keys bound tau from below, so only the few groups that can hold support entries are searched
-(:func:`candidates`), with the same doubling search started from a few entries. Rows are
-computed in blocks of queries (see :func:`nlsr.attention.nla.attend_blocked`), so memory is
-O(block x L), not O(L^2); blocks of rows with narrow supports are kept by their supports
-(:func:`sparsemax_rows_`), so that the products with the values and the backward pass cost
-O(support) per row.
+On the features of real images supports are tens to hundreds of keys, and those partial sorts
+cost more than the score product. nlsr's attention needs no sort: :func:`fixed_point_threshold`
+runs Michelot's fixed point ``tau <- (sum_{z > tau} z - 1) / #{z > tau}`` (Newton's method on
+``sum max(z - tau, 0) = 1``), two passes over a row per step, from the threshold of the maxima
+of groups of :data:`START_GROUP` keys (a lower bound), until the support stops changing: then
+tau is computed from that support, the exact threshold up to float rounding. Rows are computed
+in blocks of queries (see :func:`nlsr.attention.nla.attend_blocked`), so memory is O(block x
+L), not O(L^2); blocks whose supports hold a small share of the keys are kept by their supports
+as sparse rows (:func:`sparsemax_rows_`), so that the products with the values and the whole
+backward pass cost O(support) per row. :func:`sparsemax_threshold` keeps the sorted search
+(bit-for-bit the released tau and support sizes) for reporting and checking supports.
 """
 
 from __future__ import annotations
@@ -39,13 +43,15 @@ GROUP = 64
 BOUND_GROUPS = 64
 #: Sorted entries of the first threshold search (doubled for the rows whose support fills them).
 FIRST_K = 8
-#: A block of rows whose widest support holds at most this fraction of at least
-#: :data:`SPARSE_MIN_KEYS` keys is kept by its supports (:func:`sparsemax_rows_`). Gathers
-#: cost more per entry than a dense product: on the 2-core CPU, HSPA with 1,024 keys (C = 48,
-#: supports of ~40) is 1.3x slower kept sparse, with 2,304 keys level (inference) to 1.4x
-#: faster (training), with 9,216 keys 1.4x (inference) and 3.3x (training) faster.
+#: Width of the column groups whose maxima start the fixed point (:func:`fixed_point_threshold`).
+START_GROUP = 32
+#: Fixed-point steps before falling back to a full sort (real features settle in 4-8).
+MAX_STEPS = 64
+#: A block of rows whose supports hold at most this fraction of at least
+#: :data:`SPARSE_MIN_KEYS` keys on average is kept by its supports (:func:`sparsemax_rows_`):
+#: the sparse products cost O(support) per row, the conversion one pass over the block.
 SPARSE_FRACTION = 1 / 16
-SPARSE_MIN_KEYS = 2048
+SPARSE_MIN_KEYS = 1024
 
 
 def _prefix_threshold(rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -149,33 +155,81 @@ def doubling_threshold(rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return tau, size
 
 
+def fixed_point_threshold(z: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """tau and support size ``[B, 1]`` of the rows ``z`` ``[B, L]`` (maxima subtracted), by
+    Michelot's fixed point from the threshold of the rows' group maxima; ``out`` ``[B, L]``
+    receives the weights ``max(z - tau, 0)``."""
+    groups = z.shape[-1] // START_GROUP
+    start = z.new_full((z.shape[0], 1), -1.0)  # max(z) - 1: the threshold of one entry
+    if groups >= 2:  # a subset's threshold is a lower bound on the row's
+        maxima = z[:, : groups * START_GROUP].reshape(-1, groups, START_GROUP).amax(dim=-1)
+        start = _fixed_point(maxima, start, torch.empty_like(maxima))[0]
+    return _fixed_point(z, start, out)
+
+
+def _fixed_point(z: Tensor, tau: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`fixed_point_threshold` from ``tau``: step until no row's support changes (the
+    supports ``{z > tau}`` are nested, so an unchanged size is an unchanged set, and the tau
+    computed from it is the threshold); a full sort for rows still moving after
+    :data:`MAX_STEPS`. Once at most half the rows move, only those are stepped, copied out."""
+    final_tau, final_size = tau, tau  # all rows' results, once only some rows are stepped
+    index: Tensor | None = None  # the rows stepped (None: all, in place in ``out``)
+    rows, work, count, previous = z, out, torch.empty_like(out), None
+    for _ in range(MAX_STEPS):
+        torch.sub(rows, tau, out=work).clamp_(min=0)
+        size = torch.sign(work, out=count).sum(dim=-1, keepdim=True)
+        if previous is not None:
+            moving = (size != previous).squeeze(-1)
+            if index is None:
+                final_tau, final_size = tau, size
+            else:
+                settled = ~moving
+                out[index[settled]], final_size[index[settled]] = work[settled], size[settled]
+                final_tau[index[settled]] = tau[settled]
+            stepped = int(moving.sum())
+            if stepped == 0:
+                return final_tau, final_size
+            if index is not None or 2 * stepped <= moving.numel():
+                if index is None:
+                    final_tau, final_size = tau.clone(), size.clone()
+                    index = torch.arange(z.shape[0], device=z.device)
+                index, rows = index[moving], rows[moving]
+                tau, size, work = tau[moving], size[moving], work[moving]
+                count = count[: index.numel()]
+        previous = size
+        tau = tau + (work.sum(dim=-1, keepdim=True) - 1) / size.clamp_min(1)
+    rest = torch.arange(z.shape[0], device=z.device) if index is None else index
+    if index is None:
+        final_tau, final_size = tau.clone(), tau.clone()
+    final_tau[rest], size = _prefix_threshold(z[rest], z.shape[-1])
+    final_size[rest] = size.to(final_size.dtype)
+    out[rest] = (z[rest] - final_tau[rest]).clamp_(min=0)
+    return final_tau, final_size
+
+
 def sparsemax_rows(scores: Tensor, topk: int | None = None) -> Tensor:
     """Sparsemax over the last axis (no autograd; see :func:`sparsemax` for that)."""
-    return sparsemax_rows_(scores.clone(), topk)[0]
+    return sparsemax_rows_(scores.clone(memory_format=torch.contiguous_format), topk)[0]
 
 
 def sparsemax_rows_(
     scores: Tensor, topk: int | None = None, sparse: bool = False
 ) -> tuple[Tensor | SparseRows, Tensor]:
-    """:func:`sparsemax_rows` computed in place in ``scores``; statistics (row maximum, tau).
-    With ``sparse``, a block whose widest support holds at most :data:`SPARSE_FRACTION` of at
-    least :data:`SPARSE_MIN_KEYS` keys is returned by its supports (:class:`SparseRows`, taken
-    from the rows' :func:`candidates`), so that the attention multiplies the values by a handful
-    of weights per row, not by the whole row."""
+    """:func:`sparsemax_rows` of ``scores`` (which it overwrites); statistics (row maximum,
+    tau). ``topk`` is accepted for the released interface: no search here depends on it. With
+    ``sparse``, a block ``[n, B, L]`` whose supports hold on average at most
+    :data:`SPARSE_FRACTION` of at least :data:`SPARSE_MIN_KEYS` keys is returned by its
+    supports (:class:`SparseRows`)."""
     shape = (*scores.shape[:-1], 1)
     keys = scores.shape[-1]
     high = scores.amax(dim=-1, keepdim=True)
-    z = scores.sub_(high)
-    tau, size, kept, columns = _candidate_threshold(z.reshape(-1, keys), topk)
-    tau = tau.view(shape)
-    stats = torch.cat([high, tau], dim=-1)
-    width = int(size.max())
-    if not sparse or keys < SPARSE_MIN_KEYS or width > keys * SPARSE_FRACTION:
-        return z.sub_(tau).clamp_(min=0), stats
-    top, at = kept.topk(width, dim=-1, sorted=False)
-    index = candidate_columns(at, columns, keys)
-    weights = top.view(*shape[:-1], width).sub_(tau).clamp_(min=0)
-    return SparseRows(index.view(*shape[:-1], width), weights), stats
+    z = scores.sub_(high).reshape(-1, keys)
+    weights = torch.empty_like(z)
+    tau, size = fixed_point_threshold(z, weights)
+    stats = torch.cat([high, tau.view(shape)], dim=-1)
+    if sparse and keys >= SPARSE_MIN_KEYS and int(size.sum()) <= SPARSE_FRACTION * z.numel():
+        return SparseRows.from_dense(weights.view(-1, *scores.shape[-2:]), size), stats
+    return weights.view(scores.shape), stats
 
 
 def sparsemax_rows_recompute_(scores: Tensor, stats: Tensor) -> Tensor:
@@ -185,12 +239,20 @@ def sparsemax_rows_recompute_(scores: Tensor, stats: Tensor) -> Tensor:
 
 def sparsemax_normaliser(topk: int | None = None) -> RowNormaliser:
     """Sparsemax rows for :func:`nlsr.attention.nla.attend_blocked`, kept by their supports
-    where those are narrow (``topk``: see :func:`sparsemax_threshold`)."""
+    where those are narrow (``topk``: accepted, see :func:`sparsemax_rows_`)."""
     return RowNormaliser(
         partial(sparsemax_rows_, topk=topk, sparse=True),
         sparsemax_rows_recompute_,
         sparsemax_rows_backward_,
+        sparsemax_support_backward,
     )
+
+
+def sparsemax_support_backward(rows: SparseRows, grad: Tensor) -> Tensor:
+    """:func:`sparsemax_rows_backward` of a block kept by its supports (``grad`` ``[nnz]``):
+    every entry is in its row's support, so it is ``g`` less the row's mean of ``g``."""
+    mean = rows.row_sums(grad).div_(rows.counts())
+    return grad - mean[rows.row]
 
 
 def sparsemax_rows_backward(weights: Tensor, grad: Tensor) -> Tensor:

@@ -15,7 +15,8 @@ matrix is never materialised; each query block's rows are recomputed in the back
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -29,57 +30,80 @@ from nlsr.attention.registry import register_attention
 #: float32 values are 16 MiB per buffer, a few tens of MiB peak for any image size.
 BLOCK_ELEMENTS = 2**22
 
+# SparseRows' compressed-sparse-row products are stable for what they are used for here.
+warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+
 
 class SparseRows(NamedTuple):
-    """A block of weight rows ``[n, B, L]`` by the few entries that can be nonzero: the keys
-    ``index`` ``[n, B, k]`` and their ``weights`` ``[n, B, k]`` (zero where a row has fewer than
-    ``k`` nonzero entries). Sparsemax rows usually have a handful of nonzero weights, so the
-    products with the values and the whole backward pass cost O(k) per row instead of O(L).
-    The ``x`` arguments are position-major ``[n, L, c]`` and contiguous; rows are gathered in
-    pieces of at most :data:`BLOCK_ELEMENTS` values."""
+    """A block of weight rows ``[n, B, L]`` by its nonzero entries, as compressed sparse rows
+    over the ``n B`` rows and the ``n L`` keys of the batch (batch ``b``'s keys are columns
+    ``b L ...``): row offsets ``crow`` ``[n B + 1]``, and per entry its ``column``, its ``row``
+    and its weight (``weights``, all > 0). Sparsemax rows have few nonzero weights, so the
+    products with the values and the whole backward pass cost O(nonzeros), not O(B L): sparse
+    matrix products, no gathers. The ``x`` arguments are position-major ``[n, L, c]``."""
 
-    index: Tensor
+    crow: Tensor
+    column: Tensor
+    row: Tensor
     weights: Tensor
 
-    def _pieces(self, x: Tensor) -> Iterator[tuple[slice, Tensor]]:
-        """(rows of the block, flat indices into ``x.view(n * L, c)``) piece by piece."""
-        n, rows, k = self.index.shape
-        keys, c = x.shape[1:]
-        offsets = torch.arange(n, device=x.device).mul_(keys).view(n, 1, 1)
-        step = max(1, BLOCK_ELEMENTS // max(1, n * k * c))
-        for start in range(0, rows, step):
-            span = slice(start, start + step)
-            yield span, (self.index[:, span] + offsets).flatten()
+    @classmethod
+    def from_dense(cls, weights: Tensor, counts: Tensor) -> SparseRows:
+        """The nonzero entries of ``weights`` ``[n, B, L]`` (>= 0), ``counts`` ``[n, B, 1]`` of
+        them per row."""
+        rows, keys = weights.shape[1:]
+        flat = weights.reshape(-1)
+        at = (flat > 0).nonzero().squeeze(1)
+        row = at.div(keys, rounding_mode="floor")
+        column = at.remainder(keys).add_(row.div(rows, rounding_mode="floor").mul_(keys))
+        sizes = counts.reshape(-1).to(torch.int64)
+        crow = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+        return cls(crow, column, row, flat[at])
 
-    def _gather(self, x: Tensor, span: slice, flat: Tensor) -> Tensor:
-        """``x[index[:, span]]``: ``[n, rows, k, c]``."""
-        n, keys, c = x.shape
-        return x.view(n * keys, c).index_select(0, flat).view(n, -1, self.index.shape[-1], c)
+    def _matrix(self, values: Tensor, keys: int) -> Tensor:
+        """The ``[n B, keys]`` sparse matrix holding ``values`` at the entries."""
+        size = (self.crow.shape[0] - 1, keys)
+        return torch.sparse_csr_tensor(
+            self.crow, self.column, values, size=size, check_invariants=False
+        )
 
     def combine(self, coefficients: Tensor, x: Tensor) -> Tensor:
-        """``W @ x`` for the weights ``W`` holding ``coefficients`` at ``index``: ``[n, B, c]``."""
-        out = x.new_empty(*self.index.shape[:2], x.shape[-1])
-        for span, flat in self._pieces(x):
-            picked = self._gather(x, span, flat)
-            out[:, span] = torch.matmul(coefficients[:, span].unsqueeze(-2), picked).squeeze(-2)
-        return out
+        """``W @ x`` for the weights ``W`` holding ``coefficients`` at the entries:
+        ``[n, B, c]``."""
+        n, keys, c = x.shape
+        out = self._matrix(coefficients, n * keys) @ x.reshape(n * keys, c)
+        return out.view(n, -1, c)
 
     def dot(self, x: Tensor, rows: Tensor) -> Tensor:
-        """The entries of ``rows @ x^T`` at ``index`` (``rows`` ``[n, B, c]``): ``[n, B, k]``."""
-        out = x.new_empty(self.index.shape)
-        for span, flat in self._pieces(x):
-            picked = self._gather(x, span, flat)
-            out[:, span] = torch.matmul(picked, rows[:, span].unsqueeze(-1)).squeeze(-1)
-        return out
+        """The entries of ``rows @ x^T`` (``rows`` ``[n, B, c]``): ``[nnz]``."""
+        n, keys, c = x.shape
+        pattern = self._matrix(self.weights, n * keys)
+        flat_x = x.reshape(n * keys, c)
+        sampled = torch.sparse.sampled_addmm(pattern, rows.reshape(-1, c), flat_x.t(), beta=0.0)
+        return sampled.values()
 
     def scatter_add_(self, target: Tensor, coefficients: Tensor, rows: Tensor) -> None:
-        """``target += W^T @ rows`` in place, ``W`` holding ``coefficients`` at ``index``
-        (``rows`` ``[n, B, c]``)."""
+        """``target += W^T @ rows`` in place, ``W`` holding ``coefficients`` at the entries
+        (``rows`` ``[n, B, c]``): a product with the transposed sparse matrix."""
         n, keys, c = target.shape
-        flat_target = target.view(n * keys, c)
-        for span, flat in self._pieces(target):
-            products = coefficients[:, span].unsqueeze(-1) * rows[:, span].unsqueeze(-2)
-            flat_target.index_add_(0, flat, products.view(-1, c))
+        order = self.column.argsort(stable=True)
+        ccol = torch.bincount(self.column, minlength=n * keys).cumsum_(0)
+        transposed = torch.sparse_csr_tensor(
+            torch.cat([ccol.new_zeros(1), ccol]),
+            self.row[order],
+            coefficients[order],
+            size=(n * keys, self.crow.shape[0] - 1),
+            check_invariants=False,
+        )
+        target.view(n * keys, c).add_(transposed @ rows.reshape(-1, c))
+
+    def row_sums(self, values: Tensor) -> Tensor:
+        """Sum of ``values`` ``[nnz]`` over each row's entries: ``[n B]``."""
+        return torch.segment_reduce(values, "sum", offsets=self.crow)
+
+    def counts(self) -> Tensor:
+        """Entries per row: ``[n B]``."""
+        return self.crow.diff()
 
 
 class RowNormaliser(NamedTuple):
@@ -87,11 +111,12 @@ class RowNormaliser(NamedTuple):
     place. The forward pass keeps each row's statistics (O(L) memory) so that the backward pass
     rebuilds bitwise the same weights without searching the rows again. ``forward`` may return
     :class:`SparseRows` instead of dense weights; the pass then keeps them (O(k) per row) and
-    ``backward`` is applied to their ``[n, B, k]`` weights."""
+    ``sparse_backward`` maps the gradient of their weights (``[nnz]``) to that of the scores."""
 
     forward: Callable[[Tensor], tuple[Tensor | SparseRows, Tensor]]  # -> weights, stats
     recompute: Callable[[Tensor, Tensor], Tensor]  # (scores, stats) -> the same dense weights
     backward: Callable[[Tensor, Tensor], Tensor]  # (weights, grad of weights) -> grad of scores
+    sparse_backward: Callable[[SparseRows, Tensor], Tensor] | None = None
 
 
 def softmax_rows_(scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -186,7 +211,7 @@ class _BlockedAttention(torch.autograd.Function):
         length, block = query.shape[1], ctx.block
         n, keys = query.shape[0], key.shape[1]
         grad_q = torch.empty_like(query)
-        grad_k = key.new_zeros(key.shape)  # contiguous, for the sparse blocks' index_add_
+        grad_k = key.new_zeros(key.shape)  # contiguous: the sparse blocks add to a view
         grad_v = value.new_zeros(value.shape)
         key_t, value_t = key.transpose(1, 2), value.transpose(1, 2)
         n_blocks = -(-length // block)
@@ -202,7 +227,8 @@ class _BlockedAttention(torch.autograd.Function):
             if picked is not None:
                 grad_w = picked.dot(value, go)
                 picked.scatter_add_(grad_v, picked.weights, go)
-                grad_scores = normaliser.backward(picked.weights.clone(), grad_w)
+                assert normaliser.sparse_backward is not None  # it returned SparseRows
+                grad_scores = normaliser.sparse_backward(picked, grad_w)
                 grad_q[:, span] = picked.combine(grad_scores, key)
                 picked.scatter_add_(grad_k, grad_scores, q)
                 continue

@@ -3,7 +3,7 @@
 Two families, both independent of the kernels they are compared with:
 
 * **The released approach** (``Released*``, :func:`released_baseline`): the blocks computed the
-  way the authors' released NLSN, DLSN and HSPAN code computes them, measured by
+  way the authors' released NLSN, DLSN, HSPAN and CSNLN code computes them, measured by
   ``nlsr bench --baseline released`` and checked by the tests against the official outputs.
 * **The naive dense forms** (``naive_*``): the plain definitions (full score matrices, explicit
   loops) that the tests compare nlsr's blocks and kernels against.
@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nlsr.attention.buckets import KEY_EPS, bucket_count, effective_chunk
+from nlsr.attention.cross_scale import ASSEMBLY_DIVISOR, CrossScaleAttention, same_pad
 from nlsr.attention.gla import GlobalLearnableAttention
 from nlsr.attention.hspa import HSPA, doubling_threshold
 from nlsr.attention.nla import NonLocalAttention
 from nlsr.attention.nlsa import NonLocalSparseAttention
+from nlsr.padding import pad_to_multiple
 
 
 class ReleasedFormError(ValueError):
@@ -185,14 +187,57 @@ class ReleasedHSPA(nn.Module):
         return b.res_scale * y.transpose(1, 2).reshape(n, c, h, w) + x
 
 
+class ReleasedCrossScaleAttention(nn.Module):
+    """A cross-scale attention block (its parameters, shared) computed as CSNLN's released code
+    does, image by image: the normalised key patches as conv2d filters over the query map (an
+    ``[1, K, H, W]`` score map), softmax over the keys, and a transposed convolution (stride
+    ``s``) pasting the value patches, divided by 6. For benchmarks and tests."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        if not isinstance(block, CrossScaleAttention) or block.stride != 1:
+            raise ReleasedFormError(
+                "--baseline released: CSNA has a released form at stride 1 only"
+            )
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, C, H, W) -> (N, C, s*H, s*W)`` (padded to multiples of ``s`` and cropped back
+        as the block does)."""
+        b = self.block
+        s, k = b.scale, b.ksize
+        h0, w0 = x.shape[-2:]
+        x, _, _ = pad_to_multiple(x, s)
+        n, c = x.shape[:2]
+        embed = b.conv_assembly(x)
+        match = b.conv_match_1(x)
+        raw = F.unfold(same_pad(embed, k * s, s), k * s, stride=s)
+        raw = raw.view(n, c, k * s, k * s, -1).permute(0, 4, 1, 2, 3)  # [N, K, C, ks, ks]
+        ref = b.conv_match_2(F.interpolate(x, scale_factor=1.0 / s, mode="bilinear"))
+        keys = F.unfold(same_pad(ref, k, 1), k).view(n, -1, k, k, raw.shape[1])
+        keys = keys.permute(0, 4, 1, 2, 3)  # [N, K, C', k, k]
+        out = []
+        for xi, wi, raw_wi in zip(match.split(1), keys, raw, strict=True):
+            norm = torch.max(wi.pow(2).sum(dim=(1, 2, 3), keepdim=True).sqrt(), b.escape_NaN)
+            yi = F.conv2d(same_pad(xi, k, 1), wi / norm)  # [1, K, H, W]
+            yi = F.softmax(yi * b.softmax_scale, dim=1)
+            if not b.average:
+                yi = (yi == yi.max(dim=1, keepdim=True)[0]).to(yi.dtype)
+            yi = F.conv_transpose2d(yi, raw_wi, stride=s, padding=(k - 1) * s // 2)
+            out.append(yi / ASSEMBLY_DIVISOR)
+        return torch.cat(out)[..., : s * h0, : s * w0]
+
+
 def released_baseline(model: nn.Module) -> nn.Module:
-    """``model`` (a block or a network) with every NLSA, GLA and HSPA block computed the released
-    way; the parameters are shared, not copied."""
+    """``model`` (a block or a network) with every NLSA, GLA, HSPA and cross-scale (CSNA) block
+    computed the released way; the parameters are shared, not copied."""
 
     def released(block: nn.Module) -> nn.Module:
+        if isinstance(block, CrossScaleAttention):
+            return ReleasedCrossScaleAttention(block)
         return ReleasedHSPA(block) if isinstance(block, HSPA) else ReleasedBucketAttention(block)
 
-    kinds = (NonLocalSparseAttention, GlobalLearnableAttention, HSPA)
+    kinds = (NonLocalSparseAttention, GlobalLearnableAttention, HSPA, CrossScaleAttention)
     if isinstance(model, kinds):
         return released(model)
     targets = [
@@ -203,7 +248,7 @@ def released_baseline(model: nn.Module) -> nn.Module:
     ]
     if not targets:
         raise ReleasedFormError(
-            f"--baseline released: {type(model).__name__} has no NLSA/GLA/HSPA block"
+            f"--baseline released: {type(model).__name__} has no NLSA/GLA/HSPA/CSNA block"
         )
     for parent, name, child in targets:
         setattr(parent, name, released(child))

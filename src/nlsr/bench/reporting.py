@@ -40,6 +40,8 @@ class Row:
     input_bytes: int = 0
     parameters: int = 0
     profile: list[dict[str, Any]] | None = None
+    #: Sparsemax support sizes met by its HSPA blocks (:func:`nlsr.bench.inputs.support_sizes`).
+    supports: dict[str, Any] | None = None
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Settings:
     profile_top: int = 0
     seed: int = 0
     baseline: str | None = None  # one of suite.BASELINES: also measure NAME@BASELINE targets
+    input: str = "real"  # one of inputs.INPUTS: what the targets are fed (nlsr.bench.inputs)
+    input_image: str | None = None  # the source of real inputs; None: the bundled sample
 
 
 @dataclass
@@ -151,13 +155,22 @@ def parse_bytes(text: str) -> int:
     return int(value * units[unit])
 
 
+def format_supports(r: Row) -> str:
+    """Median / largest sparsemax support (keys per query) of ``r``'s HSPA blocks, '-' if none."""
+    if not r.supports:
+        return "-"
+    return f"{r.supports['median']:g}/{r.supports['max']}"
+
+
 def format_row(r: Row) -> str:
     """One row as a progress line: its timings and extra memory, or its status and note."""
     if r.status != "ok":
         return f"{r.kind:<5} {r.name:<12} {r.size:>5} {r.mode:<5}  {r.status}: {r.note}"
+    support = f"  support {format_supports(r)}" if r.supports else ""
     return (
         f"{r.kind:<5} {r.name:<12} {r.size:>5} {r.mode:<5}  median {r.median_s:.4f} s  "
         f"min {r.min_s:.4f} s  cpu {r.cpu_median_s:.4f} s  extra {format_bytes(r.extra_bytes)}"
+        f"{support}"
     )
 
 
@@ -165,7 +178,8 @@ def format_table(report: Report) -> str:
     """The rows as a fixed-width table, followed by the fitted exponents."""
     head = (
         f"{'kind':<5} {'name':<12} {'size':>5} {'positions':>9} {'mode':<5} "
-        f"{'median s':>9} {'min s':>9} {'cpu s':>9} {'peak':>10} {'extra':>10}  note"
+        f"{'median s':>9} {'min s':>9} {'cpu s':>9} {'peak':>10} {'extra':>10} "
+        f"{'support':>9}  note"
     )
     lines = [head, "-" * len(head)]
     for r in report.rows:
@@ -175,8 +189,13 @@ def format_table(report: Report) -> str:
         lines.append(
             f"{r.kind:<5} {r.name:<12} {r.size:>5} {r.positions:>9} {r.mode:<5} {med:>9} {mn:>9} "
             f"{cpu:>9} "
-            f"{format_bytes(r.peak_bytes):>10} {format_bytes(r.extra_bytes):>10}  "
+            f"{format_bytes(r.peak_bytes):>10} {format_bytes(r.extra_bytes):>10} "
+            f"{format_supports(r):>9}  "
             f"{r.note if r.status != 'ok' else ''}".rstrip()
+        )
+    if any(r.supports for r in report.rows):
+        lines.append(
+            "support: median/largest sparsemax support of the HSPA blocks (keys per query)"
         )
     lo, hi = report.settings.fit_range
     lines.append("")
@@ -238,6 +257,7 @@ def read_json(paths: Sequence[str | Path]) -> Report:
         reports.append(data)
     first = dict(reports[0]["settings"])
     first["fit_range"] = tuple(first["fit_range"])
+    first.setdefault("input", "random")  # written before --input existed: random inputs
     return Report(
         environment=reports[0]["environment"],
         settings=Settings(**first),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from nlsr.attention.reference import ReleasedFormError, released_baseline
+from nlsr.bench.inputs import INPUTS, load_source, make_inputs, support_sizes
 from nlsr.bench.measuring import (
     BenchError,
     MemoryMeter,
@@ -177,7 +178,7 @@ def _targets(
             yield "block", name, lambda: ResBlock(settings.channels).to(device)
             continue
         yield "block", name, lambda n=name: create_attention(n, settings.channels).to(device)
-        if released and name in ("nlsa", "gla", "hspa"):
+        if released and name in ("nlsa", "gla", "hspa", "csna"):
             yield (
                 "block",
                 f"{name}@released",
@@ -206,6 +207,9 @@ def run_suite(settings: Settings, log: Callable[[str], None] | None = None) -> R
     :data:`PROBE_FROM` -- exceeds ``max_seconds`` per run or ``max_memory`` extra), then fit
     the exponents."""
     device = resolve_device(settings.device)
+    if settings.input not in INPUTS:
+        raise BenchError(f"--input must be one of {', '.join(INPUTS)}, got {settings.input!r}")
+    source = load_source(settings.input_image) if settings.input == "real" else None
     meter = MemoryMeter(device)
     env = environment(device, meter)
     rows: list[Row] = []
@@ -226,12 +230,14 @@ def run_suite(settings: Settings, log: Callable[[str], None] | None = None) -> R
                     "ok",
                 )
                 if not history and not stop and size >= PROBE_FROM:
-                    history = _probe(kind, name, mode, size, build, settings, device, meter, log)
+                    history = _probe(
+                        kind, name, mode, size, build, settings, source, device, meter, log
+                    )
                 row.note = stop or _skip_reason(settings, history, positions)
                 if row.note:
                     row.status = "skipped"
                 else:
-                    _measure_row(row, build, settings, device, meter)
+                    _measure_row(row, build, settings, source, device, meter)
                     gc.collect()  # the target and its input are gone: free them now
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -255,6 +261,7 @@ def _probe(
     size: int,
     build: Callable[[], nn.Module],
     settings: Settings,
+    source: torch.Tensor | None,
     device: torch.device,
     meter: MemoryMeter,
     log: Callable[[str], None] | None,
@@ -267,7 +274,7 @@ def _probe(
         row = Row(
             kind, name, side, side * side, settings.channels if kind == "block" else 3, mode, "ok"
         )
-        _measure_row(row, build, quick, device, meter)
+        _measure_row(row, build, quick, source, device, meter)
         gc.collect()
         if log:
             log(f"(probe) {format_row(row)}")
@@ -281,20 +288,18 @@ def _measure_row(
     row: Row,
     build: Callable[[], nn.Module],
     settings: Settings,
+    source: torch.Tensor | None,
     device: torch.device,
     meter: MemoryMeter,
 ) -> None:
-    """Build the target, time it and fill ``row`` (status "error" with the message on failure)."""
+    """Build the target, time it on its input (real, from ``source``, or random: see
+    :mod:`nlsr.bench.inputs`) and fill ``row`` (status "error" with the message on failure)."""
     torch.manual_seed(settings.seed)
     try:
         module = build()
         row.parameters = sum(p.numel() for p in module.parameters())
         shape = (settings.batch, row.channels, row.size, row.size)
-        inputs = (
-            torch.randn(shape, device=device)
-            if row.kind == "block"
-            else torch.rand(shape, device=device)
-        )
+        inputs = make_inputs(row.kind, shape, source, settings.seed, device)
         if row.mode == "train" and row.kind == "block":
             inputs.requires_grad_(True)
         elif row.mode == "train" and not any(p.requires_grad for p in module.parameters()):
@@ -313,6 +318,7 @@ def _measure_row(
         row.peak_bytes, row.extra_bytes = timing.peak_bytes, timing.extra_bytes
         if settings.profile_top > 0:
             row.profile = profile_ops(fn, device, settings.profile_top)
+        row.supports = support_sizes(module, inputs.detach())
     except (BenchError, ReleasedFormError):
         raise
     except Exception as err:  # a failing block is reported, the suite goes on

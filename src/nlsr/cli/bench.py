@@ -64,6 +64,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="feature-map sides, comma-separated (default 48,96,192,384)",
     )
     p.add_argument("--channels", type=int, default=64, help="block channels (default 64)")
+    p.add_argument(
+        "--input",
+        choices=("real", "random"),
+        default="real",
+        help="real (default): networks get centred crops of one image, blocks its features "
+        "(a fixed seeded 3x3 convolution to C channels, standardised); random: torch.randn "
+        "feature maps and torch.rand images",
+    )
+    p.add_argument(
+        "--input-image",
+        metavar="FILE",
+        help="the image real inputs come from (default: the bundled sample, "
+        "nlsr/assets/sample.png), e.g. a benchmark HR image",
+    )
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument(
         "--mode",
@@ -102,7 +116,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--baseline",
         choices=("released",),
-        help="also measure every NLSA/GLA/HSPA block and network computed the way the "
+        help="also measure every NLSA/GLA/HSPA/CSNA block and network computed the way the "
         "authors' released code does (rows NAME@released) and print the ratios",
     )
     p.add_argument("--json", metavar="FILE", help="write the full results as JSON")
@@ -159,6 +173,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             raise BenchError(f"{option} must be >= 1, got {value}")
     if args.warmup < 0 or args.max_seconds < 0 or args.profile < 0:
         raise BenchError("--warmup, --max-seconds and --profile must not be negative")
+    if args.input_image and args.input != "real":
+        raise BenchError("--input-image is the source of --input real, not of --input random")
     no_limit = args.max_memory.strip().lower() in ("none", "0")
     return Settings(
         blocks=blocks,
@@ -178,6 +194,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         profile_top=args.profile,
         seed=args.seed,
         baseline=args.baseline,
+        input=args.input,
+        input_image=args.input_image,
     )
 
 
@@ -219,6 +237,11 @@ def run(args: argparse.Namespace) -> int:
         f"device {env['device']} ({env['device_name']}), torch {env['torch']}, "
         f"{env['threads']} threads, memory: {env['memory_method']}, load average "
         f"{env['load_average_start']} -> {env['load_average_end']}"
+    )
+    source = report.settings.input_image or "the bundled sample"
+    print(
+        f"inputs: {report.settings.input}"
+        + (f" ({source})" if report.settings.input == "real" else "")
     )
     print(format_table(report))
     for row in report.rows:

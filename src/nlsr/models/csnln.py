@@ -11,7 +11,8 @@ Differences from the released code, none of which changes what a loaded checkpoi
   multiple of the cross-scale factor (3 at x3, else 2, the only divisibility the network needs)
   and the output cropped back to ``scale * H, scale * W``.
 - ``chop_min_size`` is the release's ``forward_chop`` threshold, 3600 LR pixels, chosen there to
-  fit GPU memory: both attentions are dense (memory ~ ``(H*W)**2``).
+  fit GPU memory: the release's attentions are dense (memory ~ ``(H*W)**2``); nlsr's in-scale
+  attention still is, its cross-scale attention runs in blocks of query rows.
 """
 
 from __future__ import annotations

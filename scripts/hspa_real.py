@@ -1,0 +1,149 @@
+"""HSPA on the HSPAN network's own features: nlsr's block against the released approach.
+
+    python scripts/hspa_real.py [--image PATH] [--size 48] [--config paper|small]
+        [--repeat 7] [--threads 1] [--modes infer,train]
+
+Builds ``hspan`` x2 (seed 0) at the paper configuration (or the small one), feeds it a centred
+``size`` x ``size`` crop of a real image (default: Set14's baboon under the shared benchmark
+data, else the bundled sample), captures the input of every HSPA block with forward hooks and
+times each block against :class:`~nlsr.attention.reference.ReleasedHSPA` on that input
+(same parameters; infer: forward without autograd, train: forward and backward to the input
+and the parameters). Runs are interleaved, CPU time (``time.process_time``), medians of
+``repeat``. Prints the sparsemax support sizes met (the released sorted search) per block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from nlsr.attention.hspa import HSPA, sparsemax_threshold
+from nlsr.attention.reference import ReleasedHSPA
+from nlsr.io import read_image
+from nlsr.models import create
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = (
+    REPO.parent / "shared/datasets/benchmark/Set14/HR/baboon.png",
+    Path("/work/shared/datasets/benchmark/Set14/HR/baboon.png"),
+    REPO / "src/nlsr/assets/sample.png",
+)
+
+
+def crop(path: Path, size: int) -> Tensor:
+    """A centred ``size`` x ``size`` crop of the image at ``path``: ``(1, 3, size, size)`` in
+    [0, 1]."""
+    pixels = torch.from_numpy(read_image(path).pixels.astype("float32") / 255.0)
+    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
+    return pixels[top : top + size, left : left + size].permute(2, 0, 1).unsqueeze(0)
+
+
+def block_inputs(model: nn.Module, image: Tensor) -> list[tuple[HSPA, Tensor]]:
+    """Every HSPA block of ``model`` with the input it receives when ``model`` runs ``image``."""
+    captured: list[tuple[HSPA, Tensor]] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda m, inp: captured.append((m, inp[0])))
+        for m in model.modules()
+        if isinstance(m, HSPA)
+    ]
+    with torch.no_grad():
+        model(image)
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+def supports(block: HSPA, x: Tensor) -> Tensor:
+    """The sparsemax support size of every query row of ``block`` on ``x``."""
+    with torch.no_grad():
+        theta = block.conv_match1(x).flatten(2).transpose(1, 2)
+        scores = theta @ block.conv_match2(x).flatten(2)
+    return sparsemax_threshold(scores - scores.amax(-1, keepdim=True))[1].flatten()
+
+
+def runner(module: nn.Module, x: Tensor, mode: str) -> Callable[[], None]:
+    """One inference (no autograd) or one training step (backward to input and parameters)."""
+    if mode == "infer":
+
+        def infer() -> None:
+            with torch.no_grad():
+                module(x)
+
+        return infer
+    leaf = x.clone().requires_grad_()
+    weight = torch.randn_like(x, generator=torch.Generator().manual_seed(1))
+
+    def train() -> None:
+        (module(leaf) * weight).sum().backward()
+
+    return train
+
+
+def cpu_seconds(fns: list[Callable[[], None]], repeat: int) -> list[float]:
+    """Median CPU seconds of each of ``fns``, run interleaved ``repeat`` times after a warm-up."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        fn()
+    for _ in range(repeat):
+        for fn, spent in zip(fns, times, strict=True):
+            start = time.process_time()
+            fn()
+            spent.append(time.process_time() - start)
+    return [statistics.median(t) for t in times]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--image", type=Path, default=None)
+    parser.add_argument("--size", type=int, default=48)
+    parser.add_argument("--config", choices=["paper", "small"], default="paper")
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--modes", default="infer,train")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = args.image or next(p for p in IMAGES if p.exists())
+    torch.manual_seed(0)
+    options = {} if args.config == "paper" else {"n_resgroups": 4, "n_resblocks": 2, "n_feats": 64}
+    model = create("hspan", 2, **options).eval()
+    inputs = block_inputs(model, crop(path, args.size))
+    print(
+        f"{path.name} {args.size}x{args.size}, hspan {args.config}, {args.threads} thread(s), "
+        f"load {os.getloadavg()[0]:.2f}, medians of {args.repeat}, CPU ms"
+    )
+    print(
+        f"{'block':>5} {'support min/med/max':>20} "
+        + " ".join(
+            f"{m + ' nlsr':>11} {m + ' released':>15} {'ratio':>6}" for m in args.modes.split(",")
+        )
+    )
+    totals: dict[str, list[float]] = {}
+    for i, (block, x) in enumerate(inputs):
+        size = supports(block, x)
+        cells = []
+        for mode in args.modes.split(","):
+            ours, theirs = cpu_seconds(
+                [runner(block, x, mode), runner(ReleasedHSPA(block), x, mode)], args.repeat
+            )
+            totals.setdefault(mode, [0.0, 0.0])
+            totals[mode][0] += ours
+            totals[mode][1] += theirs
+            cells.append(f"{1e3 * ours:11.1f} {1e3 * theirs:15.1f} {theirs / ours:5.2f}x")
+        low, mid, high = int(size.min()), int(size.median()), int(size.max())
+        print(f"{i:>5} {f'{low}/{mid}/{high}':>20} " + " ".join(cells))
+    print(
+        f"{'all':>5} {'':>20} "
+        + " ".join(f"{1e3 * a:11.1f} {1e3 * b:15.1f} {b / a:5.2f}x" for a, b in totals.values())
+    )
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

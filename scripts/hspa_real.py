@@ -1,7 +1,7 @@
 """HSPA on the HSPAN network's own features: nlsr's block against the released approach.
 
     python scripts/hspa_real.py [--image PATH] [--size 48] [--config paper|small]
-        [--repeat 7] [--threads 1] [--modes infer,train]
+        [--repeat 7] [--threads 1] [--modes infer,train] [--overhead]
 
 Builds ``hspan`` x2 (seed 0) at the paper configuration (or the small one), feeds it a centred
 ``size`` x ``size`` crop of a real image (default: Set14's baboon under the shared benchmark
@@ -10,11 +10,17 @@ times each block against :class:`~nlsr.attention.reference.ReleasedHSPA` on that
 (same parameters; infer: forward without autograd, train: forward and backward to the input
 and the parameters). Runs are interleaved, CPU time (``time.process_time``), medians of
 ``repeat``. Prints the sparsemax support sizes met (the released sorted search) per block.
+
+With ``--overhead``: the network's attention overhead instead (issue 16's acceptance figure),
+``(T(network) - T(identity)) / T(identity)`` for nlsr's network and for its released form
+(:func:`~nlsr.attention.reference.released_baseline`), ``identity`` being the same network with
+every HSPA block replaced by the identity; the three timed interleaved, inference only.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -25,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from nlsr.attention.hspa import HSPA, sparsemax_threshold
-from nlsr.attention.reference import ReleasedHSPA
+from nlsr.attention.reference import ReleasedHSPA, released_baseline
 from nlsr.io import read_image
 from nlsr.models import create
 
@@ -86,6 +92,29 @@ def runner(module: nn.Module, x: Tensor, mode: str) -> Callable[[], None]:
     return train
 
 
+def without_attention(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every HSPA block replaced by the identity."""
+    copied = copy.deepcopy(model)
+    for parent in list(copied.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, HSPA):
+                setattr(parent, name, nn.Identity())
+    return copied
+
+
+def overhead(model: nn.Module, image: Tensor, repeat: int) -> None:
+    """Print the attention overhead of ``model`` and of its released form on ``image``."""
+    released = released_baseline(copy.deepcopy(model))
+    nets = {"nlsr": model, "released": released, "identity": without_attention(model)}
+    times = cpu_seconds([runner(net, image, "infer") for net in nets.values()], repeat)
+    base = times[-1]
+    for name, spent in zip(nets, times, strict=True):
+        extra = f"  attention overhead {(spent - base) / base:6.1%}" if name != "identity" else ""
+        print(f"{name:>9} {1e3 * spent:9.1f} ms{extra}")
+    ours, theirs = ((t - base) / base for t in times[:2])
+    print(f"overhead nlsr / released: {ours / theirs:.2f} (the issue asks <= 0.5)")
+
+
 def cpu_seconds(fns: list[Callable[[], None]], repeat: int) -> list[float]:
     """Median CPU seconds of each of ``fns``, run interleaved ``repeat`` times after a warm-up."""
     times: list[list[float]] = [[] for _ in fns]
@@ -107,17 +136,23 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--modes", default="infer,train")
+    parser.add_argument("--overhead", action="store_true", help="the network's attention overhead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = args.image or next(p for p in IMAGES if p.exists())
     torch.manual_seed(0)
     options = {} if args.config == "paper" else {"n_resgroups": 4, "n_resblocks": 2, "n_feats": 64}
     model = create("hspan", 2, **options).eval()
-    inputs = block_inputs(model, crop(path, args.size))
+    image = crop(path, args.size)
     print(
         f"{path.name} {args.size}x{args.size}, hspan {args.config}, {args.threads} thread(s), "
         f"load {os.getloadavg()[0]:.2f}, medians of {args.repeat}, CPU ms"
     )
+    if args.overhead:
+        overhead(model, image, args.repeat)
+        print(f"load after: {os.getloadavg()[0]:.2f}")
+        return
+    inputs = block_inputs(model, image)
     print(
         f"{'block':>5} {'support min/med/max':>20} "
         + " ".join(

@@ -15,7 +15,16 @@ import torch
 import nlsr.bench.inputs
 from nlsr.attention import available_attention
 from nlsr.attention.reference import naive_sparsemax
-from nlsr.bench.inputs import load_source, make_inputs, real_features, real_images, window
+from nlsr.bench.inputs import (
+    NETWORKS,
+    load_source,
+    make_inputs,
+    network_channels,
+    network_features,
+    real_features,
+    real_images,
+    window,
+)
 from nlsr.bench.measuring import BenchError, MemoryMeter, extrapolate, fit_exponent, measure
 from nlsr.bench.reporting import SCHEMA_VERSION, Row, Settings, parse_bytes, read_json
 from nlsr.bench.suite import (
@@ -515,3 +524,113 @@ def test_input_options_and_old_json(tmp_path: Path, capsys: pytest.CaptureFixtur
     old.write_text(json.dumps(saved))
     report = read_json([old])
     assert report.settings.input == "random" and report.rows[0].supports is None
+
+
+# ----------------------------------------------------------------------------- network inputs
+
+
+def _hooked_inputs(name: str, side: int, batch: int = 1) -> list[torch.Tensor]:
+    """The inputs of every call of block ``name`` (its class) inside its paper network, seeded
+    with 0, on the real crop, captured by plain forward pre-hooks over a whole forward pass."""
+    from nlsr.attention import create_attention
+    from nlsr.models import create
+    from nlsr.models.common import ResBlock
+
+    kind = ResBlock if name == "resblock" else type(create_attention(name, 8))
+    torch.manual_seed(0)
+    arch, options = NETWORKS[name]
+    network = create(arch, 2, **options).eval()
+    seen: list[torch.Tensor] = []
+    for m in network.modules():
+        if isinstance(m, kind):
+            m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+            if hasattr(m, "forward_shared"):  # LCoAN calls its blocks through it, past hooks
+                shared = m.forward_shared
+                m.forward_shared = lambda x, *a, f=shared: (seen.append(x.clone()), f(x, *a))[1]
+    with torch.no_grad():
+        network(real_images(load_source(), side, batch))
+    return seen
+
+
+@pytest.mark.parametrize("name", ["hspa", "lcoa", "csna", "resblock"])
+def test_network_features_equal_a_direct_hook_capture(name: str) -> None:
+    side = 13  # odd: CSNLN pads its input to even sides, the features are cropped back
+    state = torch.get_rng_state()
+    first = network_features(name, load_source(), side, batch=2)
+    assert torch.equal(torch.get_rng_state(), state)  # the global random state is untouched
+    assert first.shape == (2, network_channels(name), side, side)
+    assert not first.requires_grad
+    want = _hooked_inputs(name, side, batch=2)[0]
+    assert torch.equal(first, want[..., :side, :side])
+    assert torch.equal(first, network_features(name, load_source(), side, batch=2))  # again
+    if name != "csna":  # CSNLN's single block is called once per recurrence
+        assert want.shape[-1] == side
+    # Inside the network the features are far from unit std (HSPAN: about 0.2 per channel).
+    assert first.std(dim=(2, 3)).median() < 0.5
+
+
+def test_input_block_selects_a_later_call() -> None:
+    calls = _hooked_inputs("hspa", 10)
+    assert len(calls) == 10  # HSPAN: one HSPA per residual group
+    got = network_features("hspa", load_source(), 10, index=3)
+    assert torch.equal(got, calls[3]) and not torch.equal(got, calls[0])
+    with pytest.raises(BenchError, match="10 times"):
+        network_features("hspa", load_source(), 10, index=10)
+    assert network_channels("hspa") == 192 and network_channels("nlsa") == 256
+
+
+def test_network_input_feeds_every_block_its_networks_features(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen = _captured_inputs(monkeypatch)
+    settings = Settings(
+        blocks=["hspa", "resblock"],
+        sizes=[12],
+        channels=8,  # ignored: the blocks get their network's channel count
+        modes=["infer", "train"],
+        repeat=1,
+        baseline="released",
+        input="network",
+    )
+    report = run_suite(settings)
+    assert [(r.name, r.channels, r.status) for r in report.rows] == [
+        ("hspa", 192, "ok"),
+        ("hspa", 192, "ok"),
+        ("hspa@released", 192, "ok"),
+        ("hspa@released", 192, "ok"),
+        ("resblock", 256, "ok"),
+        ("resblock", 256, "ok"),
+    ]
+    hspa = network_features("hspa", load_source(), 12)
+    assert all(torch.equal(x, hspa) for x in seen[:4])
+    assert torch.equal(seen[4], network_features("resblock", load_source(), 12))
+    run_suite(replace(settings, blocks=[], models=["bicubic"], baseline=None))
+    assert torch.equal(seen[-1], real_images(load_source(), 12))  # networks: the real crop
+
+    # HSPA meets wider supports on its network's features than on unit-std real features.
+    (network,) = run_suite(
+        Settings(blocks=["hspa"], sizes=[24], modes=["infer"], repeat=1, input="network")
+    ).rows
+    (real,) = run_suite(
+        Settings(blocks=["hspa"], sizes=[24], channels=192, modes=["infer"], repeat=1)
+    ).rows
+    assert network.supports["median"] > 2 * real.supports["median"]
+
+
+def test_network_input_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _bench("--blocks nla --input-block 1") == 2
+    assert "--input network" in capsys.readouterr().err
+    assert _bench("--blocks nla --input network --input-block -1") == 2
+    assert "--input-block" in capsys.readouterr().err
+    assert _bench("--blocks hspa --sizes 8 --input network --input-block 10 --quiet") == 2
+    assert "10 times" in capsys.readouterr().err
+    out = tmp_path / "n.json"
+    options = "--blocks hspa --sizes 8 --repeat 1 --mode infer --quiet --input network"
+    assert _bench(f"{options} --input-block 2 --json", out) == 0
+    assert "inputs: network" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["input"] == "network" and saved["settings"]["input_block"] == 2
+    assert saved["rows"][0]["channels"] == 192
+    del saved["settings"]["input_block"]  # written before --input-block: the default, 0
+    out.write_text(json.dumps(saved))
+    assert read_json([out]).settings.input_block == 0

@@ -461,3 +461,18 @@ def test_fixed_point_falls_back_to_a_sort(monkeypatch: pytest.MonkeyPatch) -> No
     for steps in (1, 2, 3, 64):
         monkeypatch.setattr(hspa, "MAX_STEPS", steps)
         torch.testing.assert_close(sparsemax_rows(z).double(), want, rtol=0, atol=1e-6)
+
+
+def test_fixed_point_sizes_count_the_weights() -> None:
+    """The support sizes the fixed point reports are the nonzero weights it writes, and the
+    weights are the float64 sparsemax (rows whose size would grow back by float rounding at
+    the threshold stop there instead of cycling)."""
+    for block, x in _real_features(24)[:2]:
+        (z,) = _zeroed_scores(block, x)
+        rows = z.reshape(-1, z.shape[-1]).contiguous()
+        weights = torch.empty_like(rows)
+        _, size = hspa.fixed_point_threshold(rows, weights)
+        torch.testing.assert_close(
+            weights.double(), naive_sparsemax(rows.double()), rtol=0, atol=1e-6
+        )
+        assert torch.equal(size.flatten().long(), (weights > 0).sum(dim=-1))

@@ -168,9 +168,10 @@ def fixed_point_threshold(z: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _fixed_point(z: Tensor, tau: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`fixed_point_threshold` from ``tau``: step until no row's support changes (the
-    supports ``{z > tau}`` are nested, so an unchanged size is an unchanged set, and the tau
-    computed from it is the threshold); a full sort for rows still moving after
+    """:func:`fixed_point_threshold` from ``tau`` (a lower bound): step until no row's support
+    shrinks (the supports ``{z > tau}`` are nested, so an unchanged size is an unchanged set,
+    and the tau computed from it is the threshold; a size that grows is float rounding at the
+    threshold, which would otherwise cycle); a full sort for rows still moving after
     :data:`MAX_STEPS`. Once at most half the rows move, only those are stepped, copied out."""
     final_tau, final_size = tau, tau  # all rows' results, once only some rows are stepped
     index: Tensor | None = None  # the rows stepped (None: all, in place in ``out``)
@@ -179,7 +180,7 @@ def _fixed_point(z: Tensor, tau: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
         torch.sub(rows, tau, out=work).clamp_(min=0)
         size = torch.sign(work, out=count).sum(dim=-1, keepdim=True)
         if previous is not None:
-            moving = (size != previous).squeeze(-1)
+            moving = (size < previous).squeeze(-1)
             if index is None:
                 final_tau, final_size = tau, size
             else:
@@ -228,7 +229,7 @@ def sparsemax_rows_(
     tau, size = fixed_point_threshold(z, weights)
     stats = torch.cat([high, tau.view(shape)], dim=-1)
     if sparse and keys >= SPARSE_MIN_KEYS and int(size.sum()) <= SPARSE_FRACTION * z.numel():
-        return SparseRows.from_dense(weights.view(-1, *scores.shape[-2:]), size), stats
+        return SparseRows.from_dense(weights.view(-1, *scores.shape[-2:])), stats
     return weights.view(scores.shape), stats
 
 

@@ -48,15 +48,15 @@ class SparseRows(NamedTuple):
     weights: Tensor
 
     @classmethod
-    def from_dense(cls, weights: Tensor, counts: Tensor) -> SparseRows:
-        """The nonzero entries of ``weights`` ``[n, B, L]`` (>= 0), ``counts`` ``[n, B, 1]`` of
-        them per row."""
-        rows, keys = weights.shape[1:]
+    def from_dense(cls, weights: Tensor) -> SparseRows:
+        """The nonzero entries of ``weights`` ``[n, B, L]`` (>= 0); the row offsets are counted
+        from them (a search's support sizes may differ by float rounding at the threshold)."""
+        n, rows, keys = weights.shape
         flat = weights.reshape(-1)
         at = (flat > 0).nonzero().squeeze(1)
         row = at.div(keys, rounding_mode="floor")
         column = at.remainder(keys).add_(row.div(rows, rounding_mode="floor").mul_(keys))
-        sizes = counts.reshape(-1).to(torch.int64)
+        sizes = torch.bincount(row, minlength=n * rows)
         crow = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
         return cls(crow, column, row, flat[at])
 

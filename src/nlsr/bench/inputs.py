@@ -14,6 +14,15 @@ turned by the ``i mod 8``-th of the eight flips and quarter turns, so that items
   deviation), the statistics of the ``torch.randn`` map of ``--input random``: only the spatial
   structure of real content differs. Every block therefore sees the same input at each size.
 
+``--input network`` feeds each block the features a network really gives it: the paper network
+that uses the block (:data:`NETWORKS`, built with its paper options and untrained weights after
+``torch.manual_seed(--seed)``) is run without gradients on the same window as ``--input real``
+and the input of its ``--input-block``-th call of that block (0: the first) is captured with a
+forward pre-hook; the rest of the network is not run. The block then has the network's channel
+count (``--channels`` does not apply). Networks get the windows, as with ``real``. Unit-std
+features understate HSPA's work: inside HSPAN the features have a per-channel std near 0.2 and
+its sparsemax supports are several times wider.
+
 ``--input random`` is the former behaviour: ``torch.randn`` maps for blocks and ``torch.rand``
 images for networks, drawn after ``torch.manual_seed(--seed)`` and building the target.
 
@@ -25,6 +34,7 @@ speed depends on, so every row holding HSPA blocks reports the support sizes the
 from __future__ import annotations
 
 import statistics
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -37,7 +47,20 @@ from torch import Tensor, nn
 from nlsr.bench.measuring import BenchError
 
 #: Values of ``--input``.
-INPUTS = ("real", "random")
+INPUTS = ("real", "random", "network")
+#: ``--input network``: the network (architecture, options beyond its paper defaults) whose
+#: features each block is fed; ``resblock`` gets the residual blocks' inputs of EDSR.
+NETWORKS: dict[str, tuple[str, dict[str, Any]]] = {
+    "hspa": ("hspan", {}),
+    "nlsa": ("nlsn", {}),
+    "gla": ("dlsn", {}),
+    "lcoa": ("lcoan", {}),
+    "csna": ("csnln", {}),
+    "nla": ("edsr", {"attention": "nla"}),
+    "resblock": ("edsr", {}),
+}
+#: Captured feature maps kept for reuse within one run (the modes and baselines of a size).
+_KEEP = 4
 #: Queries whose supports are counted per HSPA call: all when there are at most this many
 #: positions, else every ``ceil(L / SUPPORT_QUERIES)``-th one.
 SUPPORT_QUERIES = 4096
@@ -127,6 +150,132 @@ def make_inputs(
         real_features(source, side, c, n, seed) if kind == "block" else real_images(source, side, n)
     )
     return real.to(device)
+
+
+class _Captured(Exception):
+    """Raised by the capturing hook: the features are taken, the rest of the network is skipped."""
+
+
+def _block_type(name: str) -> type:
+    """The class whose calls ``--input network`` counts for block ``name``."""
+    from nlsr.attention import create_attention
+
+    if name == "resblock":
+        from nlsr.models.common import ResBlock
+
+        return ResBlock
+    with torch.device("meta"):
+        return type(create_attention(name, 64))
+
+
+def _network(name: str, scale: int) -> nn.Module:
+    """The paper network of block ``name`` (:data:`NETWORKS`), untrained, at ``scale``."""
+    from nlsr.models import create
+
+    if name not in NETWORKS:
+        raise BenchError(
+            f"--input network: no network is known for block {name!r}; known: {', '.join(NETWORKS)}"
+        )
+    arch, options = NETWORKS[name]
+    return create(arch, scale, **options)
+
+
+def network_channels(name: str, scale: int = 2) -> int:
+    """The channel count of block ``name``'s inputs inside its network (built on meta)."""
+    kind = _block_type(name)
+    with torch.device("meta"):
+        network = _network(name, scale)
+    for module in network.modules():
+        if isinstance(module, kind):
+            conv = next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+            return conv.in_channels
+    raise BenchError(f"--input network: {NETWORKS[name][0]} holds no {kind.__name__}")
+
+
+def capture(network: nn.Module, kind: type, images: Tensor, index: int = 0) -> Tensor:
+    """The input of the ``index``-th call (0: the first, in forward order) of a ``kind`` module
+    inside ``network`` run on ``images`` without gradients; the network stops there. Calls
+    through ``forward_shared`` (LCoAN's pattern-sharing blocks, which skip hooks) count too."""
+    seen: list[Tensor] = []
+
+    def hook(_module: object, args: tuple[Any, ...]) -> None:
+        seen.append(args[0])
+        if len(seen) > index:
+            raise _Captured
+
+    def shared(method: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            hook(None, args)
+            return method(*args, **kwargs)
+
+        return counted
+
+    modules = [m for m in network.modules() if isinstance(m, kind)]
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    patched = [m for m in modules if hasattr(m, "forward_shared")]
+    for m in patched:
+        m.forward_shared = shared(m.forward_shared)
+    try:
+        with torch.no_grad():
+            network(images)
+    except _Captured:
+        return seen[index].detach().clone()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m in patched:
+            del m.forward_shared
+    raise BenchError(
+        f"--input-block {index}: {type(network).__name__} calls {kind.__name__} "
+        f"{len(seen)} times on this input (0 .. {len(seen) - 1})"
+    )
+
+
+def network_features(
+    name: str,
+    source: Tensor,
+    side: int,
+    batch: int = 1,
+    seed: int = 0,
+    scale: int = 2,
+    index: int = 0,
+    device: torch.device | None = None,
+) -> Tensor:
+    """``(batch, C, side, side)``: the input of the ``index``-th call of block ``name`` inside
+    its paper network (seeded with ``seed``) on :func:`real_images`, cropped to ``side`` where
+    the network pads; the global random state is left as it was."""
+    device = device or torch.device("cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        network = _network(name, scale).to(device).eval()
+        images = real_images(source, side, batch).to(device)
+        features = capture(network, _block_type(name), images, index)
+    return features[..., :side, :side].contiguous()
+
+
+class NetworkFeatures:
+    """The features of :func:`network_features` for one run's settings, the last few kept."""
+
+    def __init__(
+        self, source: Tensor, seed: int, scale: int, index: int, device: torch.device
+    ) -> None:
+        self.source = source
+        self.seed, self.scale, self.index = seed, scale, index
+        self.device = device
+        self._kept: OrderedDict[tuple[str, int, int], Tensor] = OrderedDict()
+
+    def __call__(self, name: str, side: int, batch: int) -> Tensor:
+        """Block ``name``'s features at ``side``, a fresh copy (the caller may mark it for
+        gradients)."""
+        key = (name, side, batch)
+        if key not in self._kept:
+            self._kept[key] = network_features(
+                name, self.source, side, batch, self.seed, self.scale, self.index, self.device
+            )
+            while len(self._kept) > _KEEP:
+                self._kept.popitem(last=False)
+        self._kept.move_to_end(key)
+        return self._kept[key].clone()
 
 
 # --------------------------------------------------------------------------------------------

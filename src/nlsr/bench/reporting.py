@@ -79,6 +79,7 @@ class Settings:
     baseline: str | None = None  # one of suite.BASELINES: also measure NAME@BASELINE targets
     input: str = "real"  # one of inputs.INPUTS: what the targets are fed (nlsr.bench.inputs)
     input_image: str | None = None  # the source of real inputs; None: the bundled sample
+    input_block: int = 0  # --input network: which call of the block inside its network
 
 
 @dataclass

@@ -11,12 +11,20 @@ import math
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from nlsr.attention.reference import ReleasedFormError, released_baseline
-from nlsr.bench.inputs import INPUTS, load_source, make_inputs, support_sizes
+from nlsr.bench.inputs import (
+    INPUTS,
+    NetworkFeatures,
+    load_source,
+    make_inputs,
+    network_channels,
+    support_sizes,
+)
 from nlsr.bench.measuring import (
     BenchError,
     MemoryMeter,
@@ -162,8 +170,9 @@ def _skip_reason(
 
 def _targets(
     settings: Settings, device: torch.device
-) -> Iterator[tuple[str, str, Callable[[], nn.Module]]]:
-    """(kind, name, builder) of every block and network to measure."""
+) -> Iterator[tuple[str, str, int, Callable[[], nn.Module]]]:
+    """(kind, name, input channels, builder) of every block and network to measure; under
+    ``--input network`` a block has its network's channel count, not ``settings.channels``."""
     from nlsr.attention import create_attention
 
     if settings.baseline is not None and settings.baseline not in BASELINES:
@@ -172,28 +181,36 @@ def _targets(
         )
     released = settings.baseline == "released"
     for name in settings.blocks:
+        c = (
+            network_channels(name, settings.scale)
+            if settings.input == "network"
+            else settings.channels
+        )
         if name == REFERENCE_BLOCK:
             from nlsr.models.common import ResBlock
 
-            yield "block", name, lambda: ResBlock(settings.channels).to(device)
+            yield "block", name, c, lambda c=c: ResBlock(c).to(device)
             continue
-        yield "block", name, lambda n=name: create_attention(n, settings.channels).to(device)
+        yield "block", name, c, lambda n=name, c=c: create_attention(n, c).to(device)
         if released and name in ("nlsa", "gla", "hspa", "csna"):
             yield (
                 "block",
                 f"{name}@released",
-                lambda n=name: released_baseline(create_attention(n, settings.channels).to(device)),
+                c,
+                lambda n=name, c=c: released_baseline(create_attention(n, c).to(device)),
             )
     for spec in settings.models:
         yield (
             "model",
             spec,
+            3,
             lambda s=spec: build_model(s, settings.scale, settings.config).to(device),
         )
         if released:
             yield (
                 "model",
                 f"{spec}@released",
+                3,
                 lambda s=spec: released_baseline(
                     build_model(s, settings.scale, settings.config).to(device)
                 ),
@@ -209,35 +226,33 @@ def run_suite(settings: Settings, log: Callable[[str], None] | None = None) -> R
     device = resolve_device(settings.device)
     if settings.input not in INPUTS:
         raise BenchError(f"--input must be one of {', '.join(INPUTS)}, got {settings.input!r}")
-    source = load_source(settings.input_image) if settings.input == "real" else None
+    if settings.input_block < 0:
+        raise BenchError(f"--input-block must be >= 0, got {settings.input_block}")
+    source = load_source(settings.input_image) if settings.input != "random" else None
+    sources = _Inputs(
+        source,
+        NetworkFeatures(source, settings.seed, settings.scale, settings.input_block, device)
+        if source is not None and settings.input == "network"
+        else None,
+    )
     meter = MemoryMeter(device)
     env = environment(device, meter)
     rows: list[Row] = []
     sizes = sorted(set(settings.sizes))
-    for kind, name, build in _targets(settings, device):
+    for kind, name, channels, build in _targets(settings, device):
         for mode in settings.modes:
             history: list[tuple[int, float, int | None]] = []
             stop = ""
             for size in sizes:
                 positions = size * size
-                row = Row(
-                    kind,
-                    name,
-                    size,
-                    positions,
-                    settings.channels if kind == "block" else 3,
-                    mode,
-                    "ok",
-                )
+                row = Row(kind, name, size, positions, channels, mode, "ok")
                 if not history and not stop and size >= PROBE_FROM:
-                    history = _probe(
-                        kind, name, mode, size, build, settings, source, device, meter, log
-                    )
+                    history = _probe(row, build, settings, sources, device, meter, log)
                 row.note = stop or _skip_reason(settings, history, positions)
                 if row.note:
                     row.status = "skipped"
                 else:
-                    _measure_row(row, build, settings, source, device, meter)
+                    _measure_row(row, build, settings, sources, device, meter)
                     gc.collect()  # the target and its input are gone: free them now
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -254,27 +269,31 @@ def run_suite(settings: Settings, log: Callable[[str], None] | None = None) -> R
     return Report(env, settings, rows, fit_rows(rows, settings.fit_range))
 
 
+class _Inputs(NamedTuple):
+    """Where the inputs come from: the image (None: random) and, under ``--input network``,
+    the capture of the blocks' network features."""
+
+    source: torch.Tensor | None
+    features: NetworkFeatures | None
+
+
 def _probe(
-    kind: str,
-    name: str,
-    mode: str,
-    size: int,
+    target: Row,
     build: Callable[[], nn.Module],
     settings: Settings,
-    source: torch.Tensor | None,
+    inputs: _Inputs,
     device: torch.device,
     meter: MemoryMeter,
     log: Callable[[str], None] | None,
 ) -> list[tuple[int, float, int | None]]:
-    """One untimed-warm-up run at sides ``size // 8`` and ``size // 4`` (not reported), so that
-    a large first size is checked against the limits before it runs; returns their history."""
+    """One untimed-warm-up run at sides ``size // 8`` and ``size // 4`` of ``target`` (not
+    reported), so that a large first size is checked against the limits before it runs;
+    returns their history."""
     quick = replace(settings, repeat=1, warmup=0, profile_top=0)
     history: list[tuple[int, float, int | None]] = []
-    for side in (size // 8, size // 4):
-        row = Row(
-            kind, name, side, side * side, settings.channels if kind == "block" else 3, mode, "ok"
-        )
-        _measure_row(row, build, quick, source, device, meter)
+    for side in (target.size // 8, target.size // 4):
+        row = Row(target.kind, target.name, side, side * side, target.channels, target.mode, "ok")
+        _measure_row(row, build, quick, inputs, device, meter)
         gc.collect()
         if log:
             log(f"(probe) {format_row(row)}")
@@ -288,18 +307,21 @@ def _measure_row(
     row: Row,
     build: Callable[[], nn.Module],
     settings: Settings,
-    source: torch.Tensor | None,
+    sources: _Inputs,
     device: torch.device,
     meter: MemoryMeter,
 ) -> None:
-    """Build the target, time it on its input (real, from ``source``, or random: see
+    """Build the target, time it on its input (real, network features or random: see
     :mod:`nlsr.bench.inputs`) and fill ``row`` (status "error" with the message on failure)."""
     torch.manual_seed(settings.seed)
     try:
         module = build()
         row.parameters = sum(p.numel() for p in module.parameters())
-        shape = (settings.batch, row.channels, row.size, row.size)
-        inputs = make_inputs(row.kind, shape, source, settings.seed, device)
+        if sources.features is not None and row.kind == "block":
+            inputs = sources.features(row.name.partition("@")[0], row.size, settings.batch)
+        else:
+            shape = (settings.batch, row.channels, row.size, row.size)
+            inputs = make_inputs(row.kind, shape, sources.source, settings.seed, device)
         if row.mode == "train" and row.kind == "block":
             inputs.requires_grad_(True)
         elif row.mode == "train" and not any(p.requires_grad for p in module.parameters()):

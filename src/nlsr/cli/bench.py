@@ -63,20 +63,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="48,96,192,384",
         help="feature-map sides, comma-separated (default 48,96,192,384)",
     )
-    p.add_argument("--channels", type=int, default=64, help="block channels (default 64)")
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=64,
+        help="block channels (default 64; with --input network a block has its network's)",
+    )
     p.add_argument(
         "--input",
-        choices=("real", "random"),
+        choices=("real", "random", "network"),
         default="real",
         help="real (default): networks get centred crops of one image, blocks its features "
-        "(a fixed seeded 3x3 convolution to C channels, standardised); random: torch.randn "
-        "feature maps and torch.rand images",
+        "(a fixed seeded 3x3 convolution to C channels, standardised); network: blocks get "
+        "the features at their position inside their paper network (hspa: HSPAN, nlsa: NLSN, "
+        "gla: DLSN, lcoa: LCoAN, csna: CSNLN, nla: EDSR+nla, resblock: EDSR; untrained, "
+        "seeded) run on that crop, with the network's channel count (--channels does not "
+        "apply); random: torch.randn feature maps and torch.rand images",
+    )
+    p.add_argument(
+        "--input-block",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --input network: feed the input of the block's K-th call inside its "
+        "network (default 0, the first)",
     )
     p.add_argument(
         "--input-image",
         metavar="FILE",
         help="the image real inputs come from (default: the bundled sample, "
-        "nlsr/assets/sample.png), e.g. a benchmark HR image",
+        "nlsr/assets/sample.png; also of --input network), e.g. a benchmark HR image",
     )
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument(
@@ -173,8 +189,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             raise BenchError(f"{option} must be >= 1, got {value}")
     if args.warmup < 0 or args.max_seconds < 0 or args.profile < 0:
         raise BenchError("--warmup, --max-seconds and --profile must not be negative")
-    if args.input_image and args.input != "real":
-        raise BenchError("--input-image is the source of --input real, not of --input random")
+    if args.input_image and args.input == "random":
+        raise BenchError("--input-image is the source of --input real / network, not of random")
+    if args.input_block < 0:
+        raise BenchError(f"--input-block must be >= 0, got {args.input_block}")
+    if args.input_block and args.input != "network":
+        raise BenchError("--input-block applies to --input network only")
     no_limit = args.max_memory.strip().lower() in ("none", "0")
     return Settings(
         blocks=blocks,
@@ -196,6 +216,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         baseline=args.baseline,
         input=args.input,
         input_image=args.input_image,
+        input_block=args.input_block,
     )
 
 
@@ -238,11 +259,16 @@ def run(args: argparse.Namespace) -> int:
         f"{env['threads']} threads, memory: {env['memory_method']}, load average "
         f"{env['load_average_start']} -> {env['load_average_end']}"
     )
-    source = report.settings.input_image or "the bundled sample"
-    print(
-        f"inputs: {report.settings.input}"
-        + (f" ({source})" if report.settings.input == "real" else "")
-    )
+    given = report.settings
+    inputs = f"inputs: {given.input}"
+    if given.input != "random":
+        inputs += f" ({given.input_image or 'the bundled sample'}"
+        if given.input == "network":
+            inputs += f"; each block fed its call {given.input_block}'s input in its network"
+            widths = {r.name: r.channels for r in report.rows if r.kind == "block"}
+            inputs += "".join(f", {name} C={c}" for name, c in widths.items())
+        inputs += ")"
+    print(inputs)
     print(format_table(report))
     for row in report.rows:
         if row.profile:

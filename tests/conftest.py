@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 torch.set_num_threads(2)
 
@@ -60,3 +62,17 @@ def _no_shipped_weights(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -
 
     folder = tmp_path_factory.mktemp("no_weights")
     monkeypatch.setenv(WEIGHTS_ENV, str(folder))
+
+
+@pytest.fixture
+def toy_root(tmp_path: Path) -> Path:
+    """A tiny benchmark data root: Toy/HR with two small RGB images (test_evaluate has its own,
+    with three and a non-image file)."""
+    rng = np.random.default_rng(0)
+    hr = tmp_path / "data" / "Toy" / "HR"
+    hr.mkdir(parents=True)
+    for name, (h, w) in (("a", (40, 48)), ("b", (36, 52))):
+        ramp = np.linspace(0, 255, w)[None, :, None] * 0.7 + np.linspace(0, 80, h)[:, None, None]
+        img = np.clip(ramp + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(hr / f"{name}.png")
+    return tmp_path / "data"

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from nlsr.checkpoint import read_state_dict
 from nlsr.cli import main
@@ -326,19 +325,6 @@ def test_upscale_default_is_the_shipped_model(
     assert f"model: {NAME} x2 (shipped pretrained weights)" in capsys.readouterr().out
     assert main(["upscale", str(src), "-o", str(tmp_path / "o4.png"), "--scale", "4"]) == 0
     assert "no pretrained model is shipped for x4" in capsys.readouterr().out
-
-
-@pytest.fixture
-def toy_root(tmp_path: Path) -> Path:
-    """A tiny benchmark data root: Toy/HR with two small RGB images."""
-    rng = np.random.default_rng(0)
-    hr = tmp_path / "data" / "Toy" / "HR"
-    hr.mkdir(parents=True)
-    for name, (h, w) in (("a", (40, 48)), ("b", (36, 52))):
-        ramp = np.linspace(0, 255, w)[None, :, None] * 0.7 + np.linspace(0, 80, h)[:, None, None]
-        img = np.clip(ramp + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(hr / f"{name}.png")
-    return tmp_path / "data"
 
 
 def eval_json(tmp_path: Path, root: Path, *args: str) -> tuple[int, list[dict]]:

@@ -11,10 +11,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from nlsr.checkpoint import read_state_dict
@@ -76,19 +74,6 @@ def toy() -> Iterator[ArchSpec]:
     finally:
         unregister(NAME)
     assert NAME not in available()
-
-
-@pytest.fixture
-def toy_root(tmp_path: Path) -> Path:
-    """A tiny benchmark data root: Toy/HR with two small RGB images."""
-    rng = np.random.default_rng(0)
-    hr = tmp_path / "data" / "Toy" / "HR"
-    hr.mkdir(parents=True)
-    for name, (h, w) in (("a", (40, 48)), ("b", (36, 52))):
-        ramp = np.linspace(0, 255, w)[None, :, None] * 0.7 + np.linspace(0, 80, h)[:, None, None]
-        img = np.clip(ramp + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(hr / f"{name}.png")
-    return tmp_path / "data"
 
 
 def _toy_model(scale: int = 2) -> nn.Module:

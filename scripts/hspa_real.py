@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from nlsr.attention.hspa import HSPA, sparsemax_threshold
+from nlsr.attention.hspa import HSPA
 from nlsr.attention.reference import ReleasedHSPA, released_baseline
+from nlsr.bench.inputs import count_supports
 from nlsr.io import read_image
 from nlsr.models import create
 
@@ -64,14 +65,6 @@ def block_inputs(model: nn.Module, image: Tensor) -> list[tuple[HSPA, Tensor]]:
     for hook in hooks:
         hook.remove()
     return captured
-
-
-def supports(block: HSPA, x: Tensor) -> Tensor:
-    """The sparsemax support size of every query row of ``block`` on ``x``."""
-    with torch.no_grad():
-        theta = block.conv_match1(x).flatten(2).transpose(1, 2)
-        scores = theta @ block.conv_match2(x).flatten(2)
-    return sparsemax_threshold(scores - scores.amax(-1, keepdim=True))[1].flatten()
 
 
 def runner(module: nn.Module, x: Tensor, mode: str) -> Callable[[], None]:
@@ -161,7 +154,7 @@ def main() -> None:
     )
     totals: dict[str, list[float]] = {}
     for i, (block, x) in enumerate(inputs):
-        size = supports(block, x)
+        size = count_supports(block, x)
         cells = []
         for mode in args.modes.split(","):
             ours, theirs = cpu_seconds(

@@ -28,6 +28,10 @@ COMMANDS = {
     "convert": "convert",
     "train": "train",
     "bench": "bench",
+    "explain": "explain",
+    "compare": "compare",
+    "export": "export",
+    "serve": "serve",
 }
 
 #: Exit statuses of every command (documented in README.md, "Exit status").

@@ -367,7 +367,7 @@ def check_archs(ctx: Context) -> dict[str, Any]:
                 key = "train_bf16" if amp else "train_fp32"
                 row[key] = {"loss": loss, "finite": bool(np.isfinite(loss)), "seconds": seconds}
             with exact_float32():
-                y32 = forward(model, x, seed=0)
+                y32 = forward(model, x, seed=0, precision="fp32")
             y16 = forward(model, x, seed=0, precision="bf16")
             row["infer"] = {
                 "shape_ok": tuple(y16.shape) == tuple(y32.shape) == tuple(hr.shape),

@@ -45,7 +45,7 @@ def set_rounds(model: torch.nn.Module, rounds: int) -> int:
 def cpu_seconds_per_mp(model: torch.nn.Module, lr: torch.Tensor) -> float:
     """CPU seconds (all threads) of one forward pass per output megapixel."""
     start = time.process_time()
-    out = forward(model, lr)
+    out = forward(model, lr, precision="fp32")
     return (time.process_time() - start) / (out.shape[-1] * out.shape[-2] / 1e6)
 
 

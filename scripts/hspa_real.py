@@ -5,11 +5,12 @@
 
 Builds ``hspan`` x2 (seed 0) at the paper configuration (or the small one), feeds it a centred
 ``size`` x ``size`` crop of a real image (default: Set14's baboon under the shared benchmark
-data, else the bundled sample), captures the input of every HSPA block with forward hooks and
-times each block against :class:`~nlsr.attention.reference.ReleasedHSPA` on that input
-(same parameters; infer: forward without autograd, train: forward and backward to the input
-and the parameters). Runs are interleaved, CPU time (``time.process_time``), medians of
-``repeat``. Prints the sparsemax support sizes met (the released sorted search) per block.
+data, else the bundled sample), captures the input of every HSPA block
+(:func:`nlsr.bench.inputs.capture_all`) and times each block against
+:class:`~nlsr.attention.reference.ReleasedHSPA` on that input (same parameters; infer: forward
+without autograd, train: forward and backward to the input and the parameters). Runs are
+interleaved, CPU time (``time.process_time``), medians of ``repeat``. Prints the sparsemax
+support sizes met (the released sorted search) per block.
 
 With ``--overhead``: the network's attention overhead instead (issue 16's acceptance figure),
 ``(T(network) - T(identity)) / T(identity)`` for nlsr's network and for its released form
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 from nlsr.attention.hspa import HSPA
 from nlsr.attention.reference import ReleasedHSPA, released_baseline
-from nlsr.bench.inputs import count_supports
+from nlsr.bench.inputs import capture_all, count_supports
 from nlsr.io import read_image
 from nlsr.models import create
 
@@ -50,21 +51,6 @@ def crop(path: Path, size: int) -> Tensor:
     pixels = torch.from_numpy(read_image(path).pixels.astype("float32") / 255.0)
     top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
     return pixels[top : top + size, left : left + size].permute(2, 0, 1).unsqueeze(0)
-
-
-def block_inputs(model: nn.Module, image: Tensor) -> list[tuple[HSPA, Tensor]]:
-    """Every HSPA block of ``model`` with the input it receives when ``model`` runs ``image``."""
-    captured: list[tuple[HSPA, Tensor]] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda m, inp: captured.append((m, inp[0])))
-        for m in model.modules()
-        if isinstance(m, HSPA)
-    ]
-    with torch.no_grad():
-        model(image)
-    for hook in hooks:
-        hook.remove()
-    return captured
 
 
 def runner(module: nn.Module, x: Tensor, mode: str) -> Callable[[], None]:
@@ -145,7 +131,7 @@ def main() -> None:
         overhead(model, image, args.repeat)
         print(f"load after: {os.getloadavg()[0]:.2f}")
         return
-    inputs = block_inputs(model, image)
+    inputs = capture_all(model, HSPA, image)
     print(
         f"{'block':>5} {'support min/med/max':>20} "
         + " ".join(

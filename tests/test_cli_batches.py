@@ -242,3 +242,20 @@ def test_seed_is_passed_through(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "argument --seed: expected an integer" in err
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7])
+def test_torchrun_shares_cover_every_job_once_whatever_the_order(world_size: int) -> None:
+    from nlsr.cli.upscale_plan import Job, shard
+
+    rng = np.random.default_rng(world_size)
+    jobs = [Job(Path(f"in/{i:02d}.png"), Path(f"out/{i:02d}.png")) for i in range(5)]
+    shares = [shard(jobs, rank, world_size) for rank in range(world_size)]
+    shuffled = [jobs[i] for i in rng.permutation(len(jobs))]
+    assert shares == [shard(shuffled, rank, world_size) for rank in range(world_size)]
+    done = [job for share in shares for job in share]
+    assert len(done) == len(jobs) and set(done) == set(jobs)  # each exactly once
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    # rank r takes the sorted jobs r, r + N, r + 2N, ...
+    assert all([jobs.index(j) % world_size for j in share] == [r] * len(share)
+               for r, share in enumerate(shares))  # fmt: skip

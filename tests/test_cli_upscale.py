@@ -89,7 +89,7 @@ def test_folder_with_bad_files(
     tmp_path: Path, mixed: dict[str, np.ndarray], capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    assert run_cli(tmp_path / "in", "-o", out, "--device", "cpu") == 1
+    assert run_cli(tmp_path / "in", "-o", out, "--device", "cpu", "--precision", "fp32") == 1
     captured = capsys.readouterr()
     errors = captured.err.strip().splitlines()
     assert len(errors) == 4
@@ -255,8 +255,9 @@ def test_weights_tiles_and_self_ensemble(tmp_path: Path) -> None:
     a = pattern(20, 18, 3)
     src = write_image(tmp_path / "a.png", a)
     args = ["--tile", "8", "--overlap", "2", "--self-ensemble", "--device", "cpu"]
+    args += ["--precision", "fp32"]
     assert run_cli(src, "-o", tmp_path / "o.png", "--weights", tmp_path / "tiny.pt", *args) == 0
-    expected = upscale(model, a, tile=8, overlap=2, self_ensemble=True)
+    expected = upscale(model, a, tile=8, overlap=2, self_ensemble=True, precision="fp32")
     assert np.array_equal(read_image(tmp_path / "o.png").pixels, expected)
 
 
@@ -267,7 +268,17 @@ def test_bundled_sample_in_a_fresh_process(tmp_path: Path) -> None:
         assert image.pixels.shape == (256, 256, 3) and not image.grayscale and image.alpha is None
         assert len(np.unique(image.pixels.reshape(-1, 3), axis=0)) > 1000  # a rich test card
         done = subprocess.run(
-            [sys.executable, "-c", CONSOLE, "upscale", str(path), "-o", str(tmp_path / "x.png")],
+            [
+                sys.executable,
+                "-c",
+                CONSOLE,
+                "upscale",
+                str(path),
+                "-o",
+                str(tmp_path / "x.png"),
+                "--precision",
+                "fp32",
+            ],
             capture_output=True,
             text=True,
             timeout=300,
@@ -275,3 +286,83 @@ def test_bundled_sample_in_a_fresh_process(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "1 ok, 0 failed" in done.stdout
     assert np.array_equal(read_image(tmp_path / "x.png").pixels, imresize(image.pixels, 2))
+
+
+def test_outscale_is_the_model_scale_then_the_exact_resize(tmp_path: Path) -> None:
+    a = pattern(9, 13, 4)  # odd sides: 3.5 x 9 = 31.5 and 3.5 x 13 = 45.5 round up
+    src = write_image(tmp_path / "a.png", a)
+    fp32 = ["--precision", "fp32"]
+    assert run_cli(src, "-o", tmp_path / "x35.png", "--outscale", "3.5", *fp32) == 0
+    got = read_image(tmp_path / "x35.png")
+    assert (got.height, got.width) == (32, 46)
+    # the x2 bicubic model's output, then MATLAB imresize to the rounded size, alpha as well
+    for channels, out in ((a[:, :, :3], got.pixels), (a[:, :, 3], got.alpha)):
+        assert np.array_equal(out, imresize(imresize(channels, 2), output_shape=(32, 46)))
+    # shrinking below the model's scale: antialiased, 1.5 x 9 = 13.5 -> 14, 1.5 x 13 = 19.5 -> 20
+    assert run_cli(src, "-o", tmp_path / "x15.png", "--outscale", "1.5", *fp32) == 0
+    small = read_image(tmp_path / "x15.png")
+    assert np.array_equal(small.pixels, imresize(imresize(a[:, :, :3], 2), output_shape=(14, 20)))
+    # the model's own scale: no resize at all
+    assert run_cli(src, "-o", tmp_path / "x2.png", "--outscale", "2", *fp32) == 0
+    assert run_cli(src, "-o", tmp_path / "plain.png", *fp32) == 0
+    assert (tmp_path / "x2.png").read_bytes() == (tmp_path / "plain.png").read_bytes()
+
+
+def jpeg_tables(path: Path) -> dict[int, list[int]]:
+    with PILImage.open(path) as im:
+        assert im.format == "JPEG"
+        return {k: list(v) for k, v in im.quantization.items()}
+
+
+def test_ext_and_quality_choose_the_output_format(tmp_path: Path) -> None:
+    a = pattern(12, 10, 3)
+    (tmp_path / "in").mkdir()
+    write_image(tmp_path / "in" / "a.png", a)
+    expected = imresize(a, 2)
+    fp32 = ["--precision", "fp32"]
+    for q in ("90", "50"):
+        assert (
+            run_cli(tmp_path / "in", "-o", tmp_path / q, "--ext", "jpg", "--quality", q, *fp32) == 0
+        )
+    # Pillow's own encoder at that quality has the same quantisation tables
+    PILImage.fromarray(expected).save(tmp_path / "ref90.jpg", quality=90, subsampling=0)
+    assert jpeg_tables(tmp_path / "90" / "a.jpg") == jpeg_tables(tmp_path / "ref90.jpg")
+    assert jpeg_tables(tmp_path / "90" / "a.jpg") != jpeg_tables(tmp_path / "50" / "a.jpg")
+    for ext in ("webp", "tif", "png"):  # lossless: the exact pixels come back
+        assert run_cli(tmp_path / "in", "-o", tmp_path / ext, "--ext", ext, *fp32) == 0
+        assert np.array_equal(read_image(tmp_path / ext / f"a.{ext}").pixels, expected)
+    args = ["--ext", "webp", "--quality", "60", "--suffix", "_q60", *fp32]
+    assert run_cli(tmp_path / "in", "-o", tmp_path / "webp", *args) == 0
+    lossy = read_image(tmp_path / "webp" / "a_q60.webp").pixels.astype(int)
+    assert lossy.shape == expected.shape and 0 < np.abs(lossy - expected).mean() < 20
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--outscale", "0"], "--outscale must be a positive number"),
+        (["--outscale", "-2"], "--outscale must be a positive number"),
+        (["--outscale", "nan"], "--outscale must be a positive number"),
+        (["--outscale", "two"], "--outscale: invalid float value"),
+        (["--quality", "0"], "--quality must be from 1 to 100"),
+        (["--quality", "101"], "--quality must be from 1 to 100"),
+        (["--quality", "90"], "--quality 90: applies to JPEG and WebP output only"),
+        (["--ext", "png", "--quality", "90"], "--quality 90: applies to JPEG and WebP"),
+        (["--ext", "gif"], "--ext: invalid choice"),
+        (["--ext", "jpg"], "--ext jpg: -o"),
+        (["--precision", "fp8"], "--precision: invalid choice"),
+        (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a CUDA device"),
+    ],
+)
+def test_bad_output_options_exit_2_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    src = write_image(tmp_path / "a.png", pattern(4, 4, 3))
+    try:
+        status = run_cli(src, "-o", tmp_path / "o.png", *args)
+    except SystemExit as e:  # argparse's own checks (type, choices) exit at once
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.png").exists()

@@ -336,3 +336,20 @@ def test_cli_set5_x2_matches_independent_bicubic(tmp_path: Path) -> None:
         assert row["ssim"] == pytest.approx(q, abs=1e-9)
     assert result["psnr"] == pytest.approx(math.fsum(p for p, _ in expected) / 5, abs=1e-9)
     assert result["ssim"] == pytest.approx(math.fsum(q for _, q in expected) / 5, abs=1e-9)
+
+
+def test_cli_save_images_keeps_the_scored_8bit_images(toy_root: Path, tmp_path: Path) -> None:
+    """``nlsr eval --save-images``: one 8-bit PNG per image, and scoring it against the
+    modcropped HR gives exactly the per-image numbers of ``--json``."""
+    out, js = tmp_path / "sr", tmp_path / "r.json"
+    args = ["eval", "--model", "bicubic", "--data", "Toy", "--data-root", str(toy_root)]
+    assert main([*args, "--scale", "2", "--save-images", str(out), "--json", str(js)]) == 0
+    per_image = json.loads(js.read_text())["results"][0]["per_image"]
+    assert len(per_image) == len(benchmark_images("Toy", toy_root))
+    for r in per_image:
+        with Image.open(out / "Toy" / "x2" / f"{r['name']}.png") as saved:
+            assert saved.mode == "RGB"
+            sr = np.asarray(saved)
+        hr = modcrop(_pil_rgb(toy_root / "Toy" / "HR" / f"{r['name']}.png"), 2)
+        assert sr.dtype == np.uint8 and sr.shape == hr.shape
+        assert (psnr(sr, hr, 2), ssim(sr, hr, 2)) == (r["psnr"], r["ssim"])

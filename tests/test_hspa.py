@@ -19,6 +19,7 @@ from nlsr.attention.hspa import (
     sparsemax,
     sparsemax_normaliser,
     sparsemax_rows,
+    sparsemax_sorted,
     sparsemax_threshold,
 )
 from nlsr.attention.nla import SparseRows, attend_blocked
@@ -28,6 +29,7 @@ from nlsr.attention.reference import (
     naive_sparsemax,
     released_sparsemax_threshold,
 )
+from nlsr.bench.inputs import capture, capture_all
 from nlsr.models import create
 
 
@@ -305,27 +307,17 @@ def test_hspan_official_fixture(fixtures_dir: Path) -> None:
     x = torch.load(case_dir / "input.pt", weights_only=True)
     expected = torch.load(case_dir / "output.pt", weights_only=True)
 
-    captured: list[torch.Tensor] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
-        for m in model.modules()
-        if isinstance(m, HSPA)
-    ]
     with torch.no_grad():
         out = model(x)
-    for hook in hooks:
-        hook.remove()
+    captured = capture_all(model, HSPA, x)
     # Same arithmetic in float32 lands near 1e-7; capping the sparsemax support at topk
     # (the classic mistake) is off by ~5e-6 here, so exact parity is asserted at 1e-6.
     assert (out - expected).abs().max().item() <= 1e-6
 
     # The case is the one where supports exceed topk (README): check that we see the same.
     topk = args["topk"]
-    for module, feats, stats in zip(
-        (m for m in model.modules() if isinstance(m, HSPA)),
-        captured,
-        case["checks"]["hspan_sparsemax_support"],
-        strict=True,
+    for (module, feats), stats in zip(
+        captured, case["checks"]["hspan_sparsemax_support"], strict=True
     ):
         with torch.no_grad():
             theta = module.conv_match1(feats).flatten(2).transpose(1, 2)
@@ -389,17 +381,7 @@ def _real_features(side: int) -> list[tuple[HSPA, torch.Tensor]]:
     image = pixels[40 : 40 + side, 60 : 60 + side].permute(2, 0, 1).unsqueeze(0)
     torch.manual_seed(0)
     model = create("hspan", 2, n_resgroups=2, n_resblocks=1, n_feats=48).eval()
-    captured: list[tuple[HSPA, torch.Tensor]] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda m, inp: captured.append((m, inp[0])))
-        for m in model.modules()
-        if isinstance(m, HSPA)
-    ]
-    with torch.no_grad():
-        model(image)
-    for hook in hooks:
-        hook.remove()
-    return captured
+    return capture_all(model, HSPA, image)  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0], ids=["dense-rows", "sparse-rows"])
@@ -476,3 +458,73 @@ def test_fixed_point_sizes_count_the_weights() -> None:
             weights.double(), naive_sparsemax(rows.double()), rtol=0, atol=1e-6
         )
         assert torch.equal(size.flatten().long(), (weights > 0).sum(dim=-1))
+
+
+def test_sorted_sparsemax_equals_float64_dense_on_real_features() -> None:
+    """The traceable sparsemax (full sort, no search loop) equals the float64 dense sparsemax on
+    the scores of real features with wide supports: its weights in float32 to 1e-6; computed in
+    float64, its weights and autograd gradient to 1e-10."""
+    for block, x in _real_features(24)[:2]:
+        (z,) = _zeroed_scores(block, x)
+        exact = z.double().requires_grad_()
+        want = naive_sparsemax(exact)
+        assert (want > 0).sum(-1).max().item() > 64  # wide supports
+        ours = sparsemax_sorted(z + 3.0)  # shift-invariant: the row maxima are subtracted
+        assert (ours.double() - want).abs().max().item() <= 1e-6
+        upstream = torch.randn(z.shape, generator=torch.Generator().manual_seed(5)).double()
+        leaf = z.double().requires_grad_()
+        ours = sparsemax_sorted(leaf)
+        torch.testing.assert_close(ours, want, rtol=0, atol=1e-10)
+        (grad,) = torch.autograd.grad(ours, leaf, upstream)
+        (grad_want,) = torch.autograd.grad(want, exact, upstream)
+        torch.testing.assert_close(grad, grad_want, rtol=0, atol=1e-10)
+
+
+def test_hspa_exports_through_the_sorted_sparsemax() -> None:
+    """Under ``torch.export`` the block takes the traceable path (a graph with a sort and no
+    search loop), and that graph computes the float64 dense HSPA to 1e-6 on real features."""
+    block, x = _real_features(16)[0]
+    program = torch.export.export(block, (x,))
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert any("sort" in t for t in targets)
+    exact = copy.deepcopy(block).double()
+    want = naive_hspa(exact, x.double())
+    assert (program.module()(x).double() - want).abs().max().item() <= 1e-6
+
+
+def test_capture_all_finds_every_block_in_order() -> None:
+    """``capture_all`` returns every HSPA block of the network with its input, in forward order,
+    each input equal to what ``capture`` takes for that call."""
+    from nlsr.io import read_image
+
+    pixels = torch.from_numpy(read_image(SAMPLE).pixels.astype("float32") / 255.0)
+    image = pixels[:16, :16].permute(2, 0, 1).unsqueeze(0)
+    torch.manual_seed(0)
+    model = create("hspan", 2, n_resgroups=3, n_resblocks=1, n_feats=16).eval()
+    captured = capture_all(model, HSPA, image)
+    assert [m for m, _ in captured] == [m for m in model.modules() if isinstance(m, HSPA)]
+    assert len(captured) == 3
+    for i, (_, x) in enumerate(captured):
+        assert torch.equal(x, capture(model, HSPA, image, i))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0], ids=["all-keys", "used-keys"])
+def test_hspa_inference_equals_float64_dense_on_real_features(
+    fraction: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inference (no autograd: each query block's product with the values over only the keys
+    its rows weigh, or over all keys) equals the float64 dense HSPA to 1e-6 on real features,
+    a batch of two different inputs, several query blocks."""
+    monkeypatch.setattr(hspa, "USED_KEYS_FRACTION", fraction)
+    (block, x), (_, other) = _real_features(32)[:2]
+    batch = torch.cat([x, other])
+    exact = copy.deepcopy(block).double()
+    with torch.no_grad():
+        want = naive_hspa(exact, batch.double())
+        (z,) = _zeroed_scores(block, batch)
+    used = (naive_sparsemax(z[:, :128].double()) > 0).any(dim=1)  # the first query block
+    assert used.sum(-1).max().item() < 0.8 * z.shape[-1]  # the pruned product skips keys
+    block.block_size = 128
+    with torch.no_grad():
+        got = block(batch)
+    assert (got.double() - want).abs().max().item() <= 1e-6

@@ -3,13 +3,15 @@ array/Image front end. Tiny hand-made models make the expected outputs exact."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nlsr.inference import forward, select_device, to_array, to_tensor, upscale
+from nlsr.inference import forward, select_device, tile_count, to_array, to_tensor, upscale
 from nlsr.io import Image
 from nlsr.resize import imresize
 
@@ -119,6 +121,25 @@ def test_tiles_equal_whole_image_for_a_pointwise_model(
     th, tw = min(tile, h), min(tile, w)
     batch_limit = max(th * tw * n, 256 * 256)  # one tile, or up to 256x256 LR pixels a batch
     assert all(c[2:] == (th, tw) and c[0] * th * tw <= batch_limit for c in model.calls)
+
+
+@pytest.mark.parametrize("h,w,tile,overlap", [(37, 53, 16, 5), (9, 9, 64, 8), (20, 300, 8, 2)])
+def test_progress_reports_every_tile_once(h: int, w: int, tile: int, overlap: int) -> None:
+    """on_progress sees the running count of tiles up to tile_count, which counts the tiles
+    the model really ran (one call per batch of tiles)."""
+    model = seeded(PixelShuffle(2))
+    seen: list[tuple[int, int]] = []
+    forward(
+        model,
+        torch.rand(1, 3, h, w),
+        tile=tile,
+        overlap=overlap,
+        on_progress=lambda *a: seen.append(a),
+    )
+    ran = sum(c[0] for c in model.calls)
+    assert ran == tile_count(h, w, tile, overlap)
+    assert [t for _, t in seen] == [ran] * len(seen) and seen[-1][0] == ran
+    assert len(seen) == len(model.calls) and all(a < b for (a, _), (b, _) in pairwise(seen))
 
 
 def test_tile_blending_is_seamless_for_a_local_model() -> None:
@@ -351,7 +372,7 @@ def test_bf16_precision_keeps_attention_in_float32() -> None:
     model = create("edsr", 2, n_resblocks=2, n_feats=16, attention="nla").eval()
     y, x = torch.meshgrid(torch.linspace(0, 1, 20), torch.linspace(0, 1, 24), indexing="ij")
     lr = torch.stack([x, y, (x + y) / 2]).unsqueeze(0)
-    full = forward(model, lr)
+    full = forward(model, lr, precision="fp32")
     nla._BlockedAttention.apply = spy
     try:
         half = forward(model, lr, precision="bf16")
@@ -363,3 +384,82 @@ def test_bf16_precision_keeps_attention_in_float32() -> None:
     assert 0 < diff < 2 / 255, diff
     with pytest.raises(ValueError, match="precision"):
         forward(model, lr, precision="fp8")
+
+
+def _nla_edsr() -> torch.nn.Module:
+    from nlsr.models import create
+
+    torch.manual_seed(0)
+    return create("edsr", 2, n_resblocks=2, n_feats=16, attention="nla").eval()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_native_and_allowed(monkeypatch, native: bool) -> None:
+    """The default "auto" gives exactly the bf16 output where the device computes bf16 natively
+    and the model allows it, else exactly the fp32 output."""
+    import dataclasses
+
+    from nlsr import inference
+    from nlsr.models import resolve_model
+
+    model = _nla_edsr()
+    lr = torch.rand(1, 3, 12, 14, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(inference, "native_bf16", lambda device: native)
+    fp32, bf16 = forward(model, lr, precision="fp32"), forward(model, lr, precision="bf16")
+    assert not torch.equal(fp32, bf16)
+    assert torch.equal(forward(model, lr), bf16 if native else fp32)
+    assert np.array_equal(
+        upscale(model, to_array(lr)),
+        upscale(model, to_array(lr), precision="bf16" if native else "fp32"),
+    )
+    no_bf16 = dataclasses.replace(resolve_model(model), bf16=False)
+    assert torch.equal(forward(no_bf16, lr), fp32)
+    for low in ("bf16", "fp16"):
+        with pytest.raises(ValueError, match=f"--precision {low}: .* reduced precision"):
+            forward(no_bf16, lr, precision=low)
+
+
+def test_fp16_needs_cuda() -> None:
+    with pytest.raises(ValueError, match="--precision fp16 needs a CUDA device"):
+        forward(_nla_edsr(), torch.rand(1, 3, 8, 8), precision="fp16")
+
+
+def test_float16_autocast_keeps_attention_in_float32() -> None:
+    """Under float16 autocast (what precision="fp16" uses on CUDA; here on the CPU) the
+    attention kernel still sees float32 with autocast off, and the output is near float32's."""
+    from nlsr.attention import nla
+
+    seen: list[tuple[torch.dtype, bool]] = []
+    inner = nla._BlockedAttention.apply
+
+    def spy(query: torch.Tensor, *args: object) -> torch.Tensor:
+        seen.append((query.dtype, torch.is_autocast_enabled("cpu")))
+        return inner(query, *args)
+
+    model = _nla_edsr()
+    lr = torch.rand(1, 3, 12, 14, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        full = model(lr)
+        nla._BlockedAttention.apply = spy
+        try:
+            with torch.autocast("cpu", dtype=torch.float16):
+                half = model(lr)
+        finally:
+            nla._BlockedAttention.apply = inner
+    assert seen == [(torch.float32, False)]
+    assert half.dtype == torch.float32  # the closing mean shift stays float32
+    assert 0 < (half.float() - full).abs().max().item() < 2 / 255
+
+
+def test_mean_shift_stays_float32_under_autocast() -> None:
+    """The networks' first and last layer (the mean shift) is exact under bf16 autocast: a
+    bfloat16 output would round pixels near 1.0 by up to half a grey level."""
+    from nlsr.models.common import MeanShift
+
+    shift = MeanShift(1.0, +1)
+    x = torch.rand(1, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = shift(x)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, shift(x))
+    assert torch.allclose(y, x + shift.bias.view(1, 3, 1, 1), atol=1e-7, rtol=0)

@@ -476,3 +476,50 @@ def test_nlsr_upscale_carries_icc_and_exif_from_input_to_output(tmp_path: Path) 
         assert main(["upscale", str(src), "-o", str(out), "--model", "bicubic"]) == 0
         assert read_image(out).pixels.shape == (20, 24, 3)  # upright (orientation 6), x2
         assert_metadata(out, SRGB)
+
+
+def _quantization(data: bytes) -> dict[int, list[int]]:
+    with PILImage.open(io.BytesIO(data)) as im:
+        return {k: list(v) for k, v in im.quantization.items()}
+
+
+def test_jpeg_and_webp_quality(tmp_path: Path) -> None:
+    a = noise((24, 20, 3), np.uint8)
+
+    def pillow_jpeg(quality: int) -> bytes:
+        buf = io.BytesIO()
+        PILImage.fromarray(a).save(buf, format="JPEG", quality=quality, subsampling=0)
+        return buf.getvalue()
+
+    default = write_image(tmp_path / "d.jpg", a).read_bytes()
+    q40 = write_image(tmp_path / "q40.jpg", a, quality=40).read_bytes()
+    assert _quantization(default) == _quantization(pillow_jpeg(95))  # the default stays 95
+    assert _quantization(q40) == _quantization(pillow_jpeg(40)) != _quantization(default)
+    # WebP: lossless (a VP8L bitstream) unless a quality asks for lossy VP8
+    lossless = write_image(tmp_path / "l.webp", a).read_bytes()
+    lossy = write_image(tmp_path / "q.webp", a, quality=75).read_bytes()
+    assert lossless[:4] == lossy[:4] == b"RIFF" and lossless[12:16] == b"VP8L"
+    assert lossy[12:16] == b"VP8 "
+    assert np.array_equal(read_image(tmp_path / "l.webp").pixels, a)
+
+
+@pytest.mark.parametrize(
+    "name,quality,message",
+    [
+        ("a.png", 90, "quality applies to JPEG and WebP only, not PNG"),
+        ("a.tif", 90, "not TIFF"),
+        ("a.jpg", 0, "quality must be a whole number from 1 to 100"),
+        ("a.webp", 101, "from 1 to 100"),
+        ("a.jpg", 90.0, "from 1 to 100"),
+        ("a.jpg", True, "from 1 to 100"),
+    ],
+)
+def test_bad_quality_is_refused_naming_the_file(
+    tmp_path: Path, name: str, quality: object, message: str
+) -> None:
+    from nlsr.io import ImageWriteError
+
+    with pytest.raises(ImageWriteError, match=message) as info:
+        write_image(tmp_path / name, noise((4, 4, 3), np.uint8), quality=quality)  # type: ignore[arg-type]
+    assert str(info.value).startswith(str(tmp_path / name))
+    assert not (tmp_path / name).exists()

@@ -27,16 +27,23 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "nlsr.data",
         "nlsr.checkpoint",
         "nlsr.padding",
+        "nlsr.distributed",
     ),
     ("nlsr.attention",),
     ("nlsr.models.common", "nlsr.models.spec", "nlsr.models.readers"),
     ("nlsr.models",),
     ("nlsr.models.registry", "nlsr.models.detection", "nlsr.models.validation"),
-    ("nlsr.models.descriptor", "nlsr.models.loading", "nlsr.models.pretrained"),
+    (
+        "nlsr.models.descriptor",
+        "nlsr.models.loading",
+        "nlsr.models.pretrained",
+        "nlsr.models.onnx_model",
+    ),
     ("nlsr.models.resolve",),
-    ("nlsr.inference", "nlsr.evaluation"),
+    ("nlsr.inference", "nlsr.evaluation", "nlsr.export"),
+    ("nlsr.explain", "nlsr.figures"),
     ("nlsr.train", "nlsr.bench"),
-    ("nlsr.cli", "nlsr.__main__"),
+    ("nlsr.cli", "nlsr.serve", "nlsr.__main__"),
 )
 
 

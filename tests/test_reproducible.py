@@ -159,7 +159,7 @@ def test_every_network_runs_in_bf16_close_to_fp32(arch: str) -> None:
     """bf16 autocast on the CPU (attention in float32): within a few grey levels of fp32."""
     model = _tiny(arch)
     image = _image(3, 20, 24)
-    fp32 = nlsr.upscale(model, image).astype(np.int16)
+    fp32 = nlsr.upscale(model, image, precision="fp32").astype(np.int16)
     bf16 = nlsr.upscale(model, image, precision="bf16").astype(np.int16)
     assert bf16.shape == fp32.shape
     diff = np.abs(bf16 - fp32)

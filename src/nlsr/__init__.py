@@ -23,6 +23,7 @@ _EXPORTS = {
     "load": "nlsr.models",
     "save": "nlsr.models",
     "resolve_model": "nlsr.models",
+    "export_onnx": "nlsr.export",
 }
 _SUBMODULES = ("attention", "data", "metrics", "models")
 

@@ -25,7 +25,7 @@ from nlsr.models.descriptor import ModelDescriptor
 from nlsr.models.resolve import resolve_model
 from nlsr.resize import DEGRADATIONS, degrade, modcrop
 
-__all__ = ["EvalResult", "ImageScore", "evaluate"]
+__all__ = ["EvalResult", "ImageScore", "evaluate", "lr_image", "score_image"]
 
 
 @dataclass
@@ -131,6 +131,60 @@ def _save_dir(save_images: str | Path, dataset: str, scale: int, degradation: st
     return out
 
 
+def lr_image(
+    hr_path: Path,
+    index: int,
+    scale: int,
+    degradation: str = "BI",
+    noise_sigma: float = 0.0,
+    official_lr: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The protocol's pair for image ``index`` of a sorted set: the modcropped HR image and
+    its LR input (checked to be large enough to score)."""
+    hr = modcrop(read_image(hr_path).pixels, scale)
+    _check_hr_size(hr, hr_path, scale)
+    return hr, _lr_image(hr, hr_path, index, scale, degradation, noise_sigma, official_lr)
+
+
+def score_image(
+    net: ModelDescriptor,
+    hr_path: Path,
+    index: int,
+    scale: int,
+    *,
+    degradation: str = "BI",
+    noise_sigma: float = 0.0,
+    official_lr: bool = False,
+    chop: bool = False,
+    self_ensemble: bool = False,
+    tile: int | None = None,
+    seed: int | None = DEFAULT_SEED,
+    precision: str = "fp32",
+    device: torch.device | None = None,
+) -> tuple[ImageScore, np.ndarray]:
+    """Score one image of a set as :func:`evaluate` does (``index``: its place in the sorted
+    set, the DN noise seed): the score and the quantised SR image that was scored. The input
+    goes to ``device`` (default: the network's, the CPU for a parameter-free one)."""
+    hr, lr = lr_image(hr_path, index, scale, degradation, noise_sigma, official_lr)
+    tensors = [*net.module.parameters(), *net.module.buffers()]
+    dev = device or (tensors[0].device if tensors else torch.device("cpu"))
+    out = forward(
+        net,
+        to_tensor(lr).to(dev),
+        tile=tile,
+        chop=chop,
+        self_ensemble=self_ensemble,
+        seed=seed,
+        precision=precision,
+    )
+    sr = to_array(out, hr.dtype)
+    if sr.shape != hr.shape:
+        raise ValueError(
+            f"{hr_path.name}: model output {sr.shape} does not match the HR image {hr.shape}"
+        )
+    return ImageScore(hr_path.stem, psnr(sr, hr, scale), ssim(sr, hr, scale)), sr
+
+
 def evaluate(
     model: nn.Module | ModelDescriptor | str,
     dataset: str,
@@ -184,24 +238,22 @@ def evaluate(
     out_dir = _save_dir(save_images, dataset, scale, deg) if save_images is not None else None
     scores: list[ImageScore] = []
     for index, path in enumerate(tqdm(files, desc=f"{dataset} x{scale}", disable=not progress)):
-        hr = modcrop(read_image(path).pixels, scale)
-        _check_hr_size(hr, path, scale)
-        lr = _lr_image(hr, path, index, scale, deg, noise_sigma, official_lr)
-        out = forward(
+        score, sr = score_image(
             net,
-            to_tensor(lr).to(dev),
-            tile=tile,
+            path,
+            index,
+            scale,
+            degradation=deg,
+            noise_sigma=noise_sigma,
+            official_lr=official_lr,
             chop=chop,
             self_ensemble=self_ensemble,
+            tile=tile,
             seed=seed,
             precision=precision,
+            device=dev,
         )
-        sr = to_array(out, hr.dtype)
-        if sr.shape != hr.shape:
-            raise ValueError(
-                f"{path.name}: model output {sr.shape} does not match the HR image {hr.shape}"
-            )
-        scores.append(ImageScore(path.stem, psnr(sr, hr, scale), ssim(sr, hr, scale)))
+        scores.append(score)
         if out_dir is not None:
             write_image(out_dir / f"{path.stem}.png", sr, overwrite=True)
     return EvalResult(

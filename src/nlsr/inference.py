@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from itertools import count, product
 from typing import TYPE_CHECKING
 
@@ -30,7 +30,9 @@ __all__ = [
     "check_seed",
     "forward",
     "native_bf16",
+    "resolve_precision",
     "select_device",
+    "tile_count",
     "to_array",
     "to_tensor",
     "upscale",
@@ -38,8 +40,9 @@ __all__ = [
 
 #: LR pixels run in one batch of tiles (tiles bigger than this run one at a time).
 TILE_BATCH_PIXELS = 256 * 256
-#: Values of ``precision``: float32 throughout, or bfloat16 autocast (see :func:`forward`).
-PRECISIONS = ("fp32", "bf16")
+#: Values of ``precision`` (see :func:`forward`): "auto" (bf16 where native, else fp32), float32
+#: throughout, bfloat16 autocast, float16 autocast (CUDA only).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 #: Seed of the random draws inside a network (hash projections, k-means initialisation) when
 #: none is given: the same input, model and options give the same output on every run.
@@ -88,6 +91,23 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def resolve_precision(described: ModelDescriptor, precision: str, device: torch.device) -> str:
+    """The precision ``forward`` runs ``described`` in on ``device``: "auto" becomes "bf16" where
+    the device computes bfloat16 natively and the model allows it, else "fp32"; checks the rest."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if described.bf16 and native_bf16(device) else "fp32"
+    if precision != "fp32" and not described.bf16:
+        raise ValueError(
+            f"--precision {precision}: model {described.name} does not run in reduced precision; "
+            "use fp32"
+        )
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"--precision fp16 needs a CUDA device; the model is on {device.type}")
+    return precision
+
+
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8/uint16 array -> (1, 3, H, W) float32 tensor in [0, 1] (v / 255 or v / 65535)."""
     if not isinstance(pixels, np.ndarray) or pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -131,8 +151,9 @@ def forward(
     chop_shave: int = 10,
     self_ensemble: bool = False,
     progress: bool = False,
-    precision: str = "fp32",
+    precision: str = "auto",
     seed: int | None = DEFAULT_SEED,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Super-resolve ``lr`` (N, C, H, W) in [0, 1] -> float32 (N, C, sH, sW), not clamped, on
     ``lr``'s device (the model runs on its own device, in eval mode, under inference_mode).
@@ -147,9 +168,11 @@ def forward(
     RNG): a fresh draw each call, as the authors' code does.
 
     ``precision="bf16"`` runs the model under bfloat16 autocast (convolutions in bfloat16, the
-    attention kernels kept in float32), on the CPU or CUDA, for every network. Outputs then
-    differ from float32 by about a grey level, more where a hashed position changes bucket
-    (docs/models.md): ``fp32`` (default) is what evaluation uses.
+    attention kernels kept in float32), on the CPU or CUDA, for every network; ``"fp16"`` the
+    same in float16, on CUDA only. Outputs then differ from float32 by about a grey level, more
+    where a hashed position changes bucket (docs/performance.md). ``"auto"`` (default) is bf16
+    where the device computes it natively and the model allows it, else fp32
+    (:func:`resolve_precision`); evaluation passes ``"fp32"``, the published numbers.
 
     Modes: the whole image; ``chop``: the authors' ``forward_chop`` (four overlapping quadrants,
     recursing while a quadrant has ``chop_min_size`` pixels or more, pasted without blending);
@@ -157,6 +180,8 @@ def forward(
     ``overlap``, memory bounded by the output plus a batch of tiles. ``self_ensemble`` averages
     the 8 flip/transpose variants in float (around chop as the authors did; per tile with tiles);
     ``chop_min_size`` (default: the model's) is the chop threshold in LR pixels.
+    ``on_progress(done, total)`` is called after every model call with the tiles (or pieces)
+    done so far (:func:`tile_count` gives the tiles before the run).
     """
     if lr.dim() != 4:
         raise ValueError(f"forward: expected an (N, C, H, W) tensor, got shape {tuple(lr.shape)}")
@@ -168,15 +193,13 @@ def forward(
         raise ValueError(f"overlap must be in [0, tile) = [0, {tile}), got {overlap}")
     if chop_shave < 1:
         raise ValueError(f"chop_shave must be at least 1 pixel, got {chop_shave}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     described = resolve_model(model)
-    if precision == "bf16" and not described.bf16:
-        raise ValueError(f"model {described.name} does not run under bfloat16; use fp32")
+    device = _model_device(described.module) or lr.device
+    low = _AUTOCAST[resolve_precision(described, precision, device)]
     scale = described.scale
     min_size = described.chop_min_size if chop_min_size is None else chop_min_size
     check_seed(seed)
-    plain = _runner(described, precision == "bf16")
+    plain = _runner(described, low)
     variants = range(8) if self_ensemble else range(1)
     h, w = lr.shape[-2:]
     module = described.module
@@ -191,10 +214,10 @@ def forward(
 
             if tile is not None:
                 rows, cols = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
-                with _bar(len(rows) * len(cols), progress, "tiles") as bar:
+                with _Bar(len(rows) * len(cols), progress, "tiles", on_progress) as bar:
                     return _forward_tiles(run, lr, scale, tile, overlap, variants, bar)
             pieces = _chop_leaves(h, w, chop_shave, min_size) if chop else 1
-            with _bar(pieces * len(variants), progress, "pieces") as bar:
+            with _Bar(pieces * len(variants), progress, "pieces", on_progress) as bar:
                 total: torch.Tensor | None = None
                 for k in variants:
                     x = _transform(lr, k)
@@ -248,20 +271,34 @@ def _seeded_draws(model: nn.Module, seed: int | None) -> Iterator[Callable[[], N
             m.generator = g
 
 
+#: The autocast dtype of each resolved precision (None: no autocast).
+_AUTOCAST: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter or buffer; None for a parameter-free model."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return tensors[0].device if tensors else None
+
+
 def _runner(
-    described: ModelDescriptor, bf16: bool = False
+    described: ModelDescriptor, low: torch.dtype | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """x in [0, 1] (any device) -> float32 model output in [0, 1] on the model's device
-    (under bfloat16 autocast with ``bf16``)."""
+    (under autocast to ``low``, bfloat16 or float16, when given)."""
     model, scale, rgb_range = described.module, described.scale, described.rgb_range
-    tensors = [*model.parameters(), *model.buffers()]
-    device = tensors[0].device if tensors else None  # parameter-free: run where the input is
-    floats = [t.dtype for t in tensors if t.is_floating_point()]
+    device = _model_device(model)  # parameter-free: run where the input is
+    floats = [t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     dtype = floats[0] if floats else torch.float32
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device=device or x.device, dtype=dtype)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        autocast = torch.autocast(x.device.type, dtype=low) if low is not None else nullcontext()
+        with autocast:
             y = model(x * rgb_range if rgb_range != 1 else x).float()
         if rgb_range != 1:
             y = y / rgb_range
@@ -276,8 +313,26 @@ def _runner(
     return run
 
 
-def _bar(total: int, progress: bool, unit: str) -> tqdm:
-    return tqdm(total=total, disable=not progress, unit=unit, desc="upscale", leave=False)
+class _Bar(tqdm):
+    """The progress bar of one :func:`forward` call, which also reports ``(done, total)`` model
+    pieces to ``on_progress`` after every update (a web page's progress, for instance)."""
+
+    def __init__(
+        self, total: int, show: bool, unit: str, on_progress: Callable[[int, int], None] | None
+    ) -> None:
+        super().__init__(total=total, disable=not show, unit=unit, desc="upscale", leave=False)
+        self.pieces, self.done, self.on_progress = total, 0, on_progress
+
+    def update(self, n: float | None = 1) -> bool | None:
+        self.done += int(n or 0)
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.pieces)
+        return super().update(n)
+
+
+def tile_count(height: int, width: int, tile: int, overlap: int = 16) -> int:
+    """How many tiles :func:`forward` runs an ``height`` x ``width`` input in with ``tile``."""
+    return len(_tile_starts(height, tile, overlap)) * len(_tile_starts(width, tile, overlap))
 
 
 def _transform(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -456,8 +511,9 @@ def upscale(
     device: str | torch.device | None = None,
     progress: bool = False,
     scale: int | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     seed: int | None = DEFAULT_SEED,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray | Image:
     """Super-resolve an image array (HxW, HxWx1 grey; HxWx2 grey+alpha; HxWx3; HxWx4 RGBA;
     uint8 or uint16) or an :class:`~nlsr.io.Image`; returns the same kind, layout and dtype.
@@ -468,7 +524,8 @@ def upscale(
     scale or 2)``; sensible for "bicubic"). With ``device`` the model is moved there
     (``nn.Module.to``, in place); otherwise it runs where it is (a model built from a name goes
     to :func:`select_device`). ``seed``: see :func:`forward` (the default gives the same output
-    on every run; None draws afresh)."""
+    on every run; None draws afresh); ``precision`` and ``on_progress``: see :func:`forward`
+    (default precision "auto": bf16 where native)."""
     described = resolve_model(model, scale, pretrained=False)
     if isinstance(model, str):
         described.module.eval().to(select_device(device))
@@ -488,6 +545,7 @@ def upscale(
         progress=progress,
         precision=precision,
         seed=seed,
+        on_progress=on_progress,
     )
     dtype = pixels.dtype
     if gray:

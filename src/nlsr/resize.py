@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["DEGRADATIONS", "contributions", "degrade", "imresize", "modcrop", "round_half_up"]
+__all__ = [
+    "DEGRADATIONS",
+    "contributions",
+    "degrade",
+    "imresize",
+    "modcrop",
+    "outscale_shape",
+    "rescale_output",
+    "round_half_up",
+]
 
 #: Degradation names accepted by :func:`degrade`.
 DEGRADATIONS = ("BI", "BD", "DN")
@@ -158,6 +168,28 @@ def imresize(
             np.clip(out, 0, _INT_MAX[img.dtype], out=out)
             out = round_half_up(out)
     return out.astype(img.dtype) if integer else out
+
+
+def outscale_shape(height: int, width: int, outscale: float) -> tuple[int, int]:
+    """Size ``(H, W)`` of an ``height x width`` input upscaled by any positive ``outscale``:
+    each side ``outscale * side`` rounded half up (at least 1), computed exactly from the
+    float's value, so that 3.5 x 9 gives 32 (Real-ESRGAN's ``int()`` would give 31)."""
+    if not (math.isfinite(outscale) and outscale > 0):
+        raise ValueError(f"outscale must be a positive number, got {outscale}")
+    factor = Fraction(outscale)
+    h, w = (max(1, math.floor(factor * side + Fraction(1, 2))) for side in (height, width))
+    return h, w
+
+
+def rescale_output(sr: np.ndarray, input_shape: tuple[int, int], outscale: float) -> np.ndarray:
+    """A network's output ``sr`` (HxW or HxWxC, ``scale`` x an input of ``input_shape``)
+    resized with :func:`imresize` to :func:`outscale_shape` of the input: the model's integer
+    scale, then the exact bicubic resize to any output scale. ``sr`` itself when it has that
+    size already (``outscale`` equal to the model's scale)."""
+    shape = outscale_shape(input_shape[0], input_shape[1], outscale)
+    if shape == tuple(sr.shape[:2]):
+        return sr
+    return imresize(sr, output_shape=shape)
 
 
 def modcrop(img: np.ndarray, scale: int) -> np.ndarray:

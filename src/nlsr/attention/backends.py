@@ -12,6 +12,8 @@ and backward do the rest. SDPA returns no log-sum-exp, so it cannot merge rounds
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -60,6 +62,10 @@ def bucket_attention(
         raise ValueError(
             f"values {tuple(values.shape)} do not match queries {tuple(queries.shape)}"
         )
+    if exporting():
+        if key_bias is not None and not isinstance(key_bias, Tensor):
+            key_bias = key_bias.evaluate()
+        return exported_attention(queries, values, codes, chunk_size, key_bias, eps)
     use_sdpa = choose_backend(backend, queries, codes.shape[1]) == "sdpa"
     layout = bucket_layout(codes, chunk_size)
     net = None
@@ -133,3 +139,88 @@ def _sdpa_attention(
     positions = slots[:, :length].reshape(-1)
     where = torch.empty_like(positions).index_copy_(0, positions, flat_slots.reshape(-1))
     return out.reshape(n * nc * c, -1).index_select(0, where).view(n, length, -1)
+
+
+def exporting() -> bool:
+    """True while ``torch.export`` (and so ``torch.onnx.export(..., dynamo=True)``) traces a
+    model: the attention blocks then take their traceable path (docs/deploy.md)."""
+    return torch.compiler.is_exporting()
+
+
+class ExportedPattern(NamedTuple):
+    """Who attends to whom in :func:`exported_pattern`: key positions ``[N, R, nc, 3c]`` of every
+    chunk's window, probabilities ``[N, R, nc, c, 3c]`` already weighted by the round merge, and
+    the slot of each position in each round's sorted order ``[N, R, L, 1]``."""
+
+    key_positions: Tensor
+    probs: Tensor
+    unsort: Tensor
+
+
+def exported_pattern(
+    queries: Tensor,
+    codes: Tensor,
+    chunk_size: int,
+    key_bias: Tensor | None = None,
+    eps: float = KEY_EPS,
+) -> ExportedPattern:
+    """The attention pattern of :func:`bucket_attention` as one traceable computation for
+    export: no loop over blocks, no autograd function, every shape a symbolic expression of
+    ``L``. Same arithmetic (stable sort, tail padding, cyclic neighbour chunks, round merge by
+    log-sum-exp), all chunks scored at once, so memory is ``O(R * L * 3 * chunk)``."""
+    check_inputs(queries, codes)
+    n, rounds, length = codes.shape
+    c, device = chunk_size, codes.device
+    nc = (length + c - 1) // c
+    pad = nc * c - length
+    position = torch.arange(length, device=device)
+    # codes * L + position are distinct, so any sort of them is the stable sort of the codes
+    order = torch.argsort(codes * length + position, dim=-1)  # [N, R, L]
+    slot = torch.arange(nc * c, device=device)
+    tail = slot - pad  # padding repeats sorted slots L - pad .. L - 1
+    # Where the tail is undefined (pad > L, effective_chunk's one-chunk case) the padded slots
+    # are masked out as keys instead: the single chunk then attends densely, as released.
+    masked = (slot >= length) & (tail[:1] + length < 0)  # tail[0] + L = L - pad
+    slots = order[..., torch.where(slot < length, slot, tail.clamp(min=0))]
+    own = torch.arange(nc, device=device)
+    cyclic = (torch.cat([own[-1:], own[:-1]]), own, torch.cat([own[1:], own[:1]]))
+    window = torch.stack(cyclic, dim=1).unsqueeze(-1)  # [nc, 3, 1]: previous, own, next chunk
+    key_slots = (window * c + torch.arange(c, device=device)).view(nc, 3 * c)
+    batch = torch.arange(n, device=device).view(n, 1, 1, 1)
+    query_pos = slots.view(n, rounds, nc, c)
+    key_pos = slots[..., key_slots]  # [N, R, nc, 3c]
+    keys = torch.nn.functional.normalize(queries, dim=-1, eps=eps)
+    scores = torch.matmul(queries[batch, query_pos], keys[batch, key_pos].transpose(-1, -2))
+    if key_bias is not None:
+        scores = scores + key_bias[..., :c][batch, key_pos].transpose(-1, -2)
+    scores = scores.masked_fill(masked[key_slots].view(nc, 1, 3 * c), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [N, R, nc, c, 1]
+    # the first L sorted slots hold every position once: its round weight softmax_r(lse_r)
+    unsort = torch.argsort(order, dim=-1).unsqueeze(-1)  # [N, R, L, 1]
+    merge = torch.softmax(lse.reshape(n, rounds, nc * c, 1)[:, :, :length].gather(2, unsort), 1)
+    by_slot = merge.gather(2, order.unsqueeze(-1))  # [N, R, L, 1] in sorted order
+    by_slot = torch.cat([by_slot, by_slot.new_zeros(n, rounds, pad, 1)], dim=2)
+    probs = torch.exp(scores - lse) * by_slot.view(n, rounds, nc, c, 1)
+    return ExportedPattern(key_pos, probs, unsort)
+
+
+def exported_apply(pattern: ExportedPattern, values: Tensor) -> Tensor:
+    """The attention output ``[N, L, C]`` of ``values`` ``[N, L, C]`` under ``pattern``."""
+    n, rounds, nc, c, _ = pattern.probs.shape
+    length = pattern.unsort.shape[2]
+    batch = torch.arange(n, device=values.device).view(n, 1, 1, 1)
+    out = torch.matmul(pattern.probs, values[batch, pattern.key_positions])
+    out = out.reshape(n, rounds, nc * c, -1)[:, :, :length]  # drop the padded query copies
+    return out.gather(2, pattern.unsort.expand(-1, -1, -1, out.shape[-1])).sum(dim=1)
+
+
+def exported_attention(
+    queries: Tensor,
+    values: Tensor,
+    codes: Tensor,
+    chunk_size: int,
+    key_bias: Tensor | None,
+    eps: float = KEY_EPS,
+) -> Tensor:
+    """:func:`bucket_attention` for export (:func:`exported_pattern`), ``[N, L, C]``."""
+    return exported_apply(exported_pattern(queries, codes, chunk_size, key_bias, eps), values)

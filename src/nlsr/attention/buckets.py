@@ -74,16 +74,19 @@ from nlsr.attention.precision import in_float32
 KEY_EPS = 5e-5
 #: Scores computed at once (one block of chunks): 2**20 float32 values are 4 MiB per buffer.
 BLOCK_ELEMENTS = 2**20
+#: The released cap on the number of hash buckets.
+MAX_BUCKETS = 128
 
 
-def bucket_count(length: int, chunk_size: int, cap: int = 128, minimum: int = 1) -> int:
+def bucket_count(length: int, chunk_size: int, cap: int = MAX_BUCKETS, minimum: int = 1) -> int:
     """Released number of hash buckets ``min(L//c + (L//c) % 2, cap)``, raised to ``minimum``.
 
     The release gets 0 buckets (and crashes) for ``L < chunk_size``; ``minimum`` keeps hashing
     defined there (with a single chunk the codes do not change the result).
     """
     n = length // chunk_size
-    return max(min(n + n % 2, cap), minimum)
+    # torch's sym_min / sym_max: a traced (symbolic) length stays symbolic (export)
+    return torch.sym_max(torch.sym_min(n + n % 2, cap), minimum)
 
 
 def effective_chunk(length: int, chunk_size: int) -> int:

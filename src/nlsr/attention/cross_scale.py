@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from nlsr.attention.backends import exporting
 from nlsr.attention.nla import conv1x1_prelu
 from nlsr.attention.precision import in_float32
 from nlsr.attention.registry import register_attention
@@ -37,8 +38,8 @@ def same_pad(x: torch.Tensor, ksize: int, stride: int) -> torch.Tensor:
     column (extra row/column at the bottom/right), as the released patch extraction does."""
     pads: list[int] = []
     for size in (x.shape[-1], x.shape[-2]):
-        out = -(-size // stride)
-        total = max(0, (out - 1) * stride + ksize - size)
+        out = (size + stride - 1) // stride  # not -(-size // stride): ONNX divides toward 0
+        total = torch.sym_max(0, (out - 1) * stride + ksize - size)  # symbolic in export
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads)
 
@@ -306,22 +307,25 @@ class CrossScaleAttention(nn.Module):
         h, w = x.shape[-2:]
         values_map = self.conv_assembly(x)
         query = self.conv_match_1(x)
-        ref = F.interpolate(x, scale_factor=1.0 / s, mode="bilinear", align_corners=False)
+        if exporting():  # the same size (h, w are multiples of s), without float arithmetic
+            ref = F.interpolate(x, size=(h // s, w // s), mode="bilinear", align_corners=False)
+        else:
+            ref = F.interpolate(x, scale_factor=1.0 / s, mode="bilinear", align_corners=False)
         ref = self.conv_match_2(ref)
         # Keys [N, C'*k*k, K]: k x k patches of the downscaled map, one column per key,
         # L2-normalised (norm floored at escape_NaN); the softmax scale is folded in.
         keys = F.unfold(same_pad(ref, k, t), k, stride=t)
         norm = keys.pow(2).sum(dim=1, keepdim=True).sqrt()
         key_scale = self.softmax_scale / torch.maximum(norm, self.escape_NaN)
-        if t == 1:
+        if t == 1 and not exporting():  # export: the column form below (no autograd function)
             values = F.pixel_unshuffle(values_map, s).flatten(2)  # [N, C*s*s, K] value cells
             cells = cross_scale_kernel(
                 query, ref, key_scale.flatten(1), values, k, not self.average
             )
             out = F.pixel_shuffle(cells.view(cells.shape[0], -1, h, w), s)
             return out[..., : s * h0, : s * w0] / ASSEMBLY_DIVISOR
-        # Strided key grid (not in the release): keys and value patches as columns, all scores
-        # at once, the value patches pasted with one matrix product and F.fold.
+        # Strided key grid (not in the release) or export: keys and value patches as columns,
+        # all scores at once, the value patches pasted with one matrix product and F.fold.
         keys = keys * key_scale
         kv = k * s
         values = F.unfold(same_pad(values_map, kv, t * s), kv, stride=t * s)
@@ -331,4 +335,7 @@ class CrossScaleAttention(nn.Module):
             attn = (attn == attn.amax(dim=-1, keepdim=True)).to(attn.dtype)
         patches = torch.bmm(values, attn.transpose(1, 2))  # [N, C*ks*ks, H*W]
         out = F.fold(patches, (s * h, s * w), kv, padding=(k - 1) * s // 2, stride=s)
+        if exporting():  # a gather: the exporter cannot prove the slice bounds symbolically
+            rows, cols = torch.arange(s * h0), torch.arange(s * w0)
+            return out.index_select(2, rows).index_select(3, cols) / ASSEMBLY_DIVISOR
         return out[..., : s * h0, : s * w0] / ASSEMBLY_DIVISOR

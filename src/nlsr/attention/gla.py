@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from nlsr.attention.backends import bucket_attention
+from nlsr.attention.backends import bucket_attention, exporting
 from nlsr.attention.buckets import residual
 from nlsr.attention.hashing import HashingAttention
 from nlsr.attention.registry import register_attention
@@ -168,6 +168,8 @@ class GlobalLearnableAttention(HashingAttention):
         fc1, fc2 = self.fc[0], self.fc[2]
         features = self.conv_assembly_fc(input).flatten(2).transpose(1, 2)  # [N, L, C]
         mlp = KeyBiasMLP(features, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        if exporting():
+            return mlp.evaluate()
         if not torch.is_grad_enabled():
             return mlp.sliced()
         n, length = features.shape[:2]

@@ -14,8 +14,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from nlsr.attention.backends import check_backend
-from nlsr.attention.buckets import bucket_count
+from nlsr.attention.backends import check_backend, exporting
+from nlsr.attention.buckets import MAX_BUCKETS, bucket_count
 
 #: Projected values computed at once by :func:`hash_codes` (one block of positions).
 BLOCK_ELEMENTS = 2**20
@@ -33,6 +33,11 @@ def hash_codes(x: Tensor, projections: Tensor, signed: bool) -> Tensor:
     n, length, d = x.shape
     rounds, width = projections.shape[1], projections.shape[2]
     weights = projections.reshape(d, rounds * width).t()  # [R*I, d]
+    if exporting():  # one traceable computation; ONNX ArgMax also takes the first maximum
+        part = torch.matmul(x, weights.t()).view(n, length, rounds, width)
+        if signed:
+            part = torch.cat([part, -part], dim=-1)
+        return part.argmax(dim=-1).transpose(1, 2)
     rank = torch.arange(width, 0, -1, dtype=x.dtype, device=x.device).view(width, 1)
     codes = torch.empty(n, rounds, length, dtype=torch.long, device=x.device)
     step = max(1, BLOCK_ELEMENTS // (rounds * width))
@@ -103,6 +108,16 @@ class HashingAttention(nn.Module, ABC):
     ) -> Tensor:
         """Fresh projections ``[d, n_hashes, width]`` for ``n_buckets`` buckets."""
 
+    def export_projections(self, generator: torch.Generator) -> Tensor:
+        """Fixed projections for an exported graph: one draw from ``generator`` for the most
+        buckets (:data:`~nlsr.attention.buckets.MAX_BUCKETS`); an input hashed into fewer
+        buckets uses the leading columns (:meth:`hash_codes` slices them while exporting)."""
+        saved, self.generator = self.generator, generator
+        try:
+            return self.draw_projections(MAX_BUCKETS, torch.device("cpu"))
+        finally:
+            self.generator = saved
+
     def hash_codes(self, x: Tensor, n_buckets: int) -> Tensor:
         """Bucket codes ``[N, n_hashes, L]`` of embeddings ``x`` ``[N, L, d]``."""
         proj = self.projections
@@ -110,6 +125,8 @@ class HashingAttention(nn.Module, ABC):
         expected = (x.shape[-1], self.n_hashes, width)
         if proj is None:
             proj = self.draw_projections(n_buckets, x.device, x.dtype)
+        elif exporting() and proj.shape[:2] == expected[:2]:
+            proj = proj[..., :width]  # the export's fixed projections for the most buckets
         elif tuple(proj.shape) != expected:
             layout = "n_buckets//2" if self.signed else "n_buckets"
             raise ValueError(

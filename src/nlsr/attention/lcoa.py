@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nlsr.attention.backends import bucket_attention, check_backend
+from nlsr.attention.backends import bucket_attention, check_backend, exporting
 from nlsr.attention.buckets import residual
 from nlsr.attention.hashing import hash_codes
 from nlsr.attention.lcoa_pattern import BucketPattern, apply_pattern, attention_pattern
@@ -153,7 +153,7 @@ class LCoA(nn.Module):
         initialises the centroids on first use and, with ``centroid_update="ema"``, updates
         them in training mode."""
         embed = self.conv_match(x).flatten(2).transpose(1, 2)
-        if not bool(self.kmeans.initted):
+        if not exporting() and not bool(self.kmeans.initted):  # export: checked before
             self.kmeans.initialise(embed, self.generator)
         codes = self.kmeans.assign(embed)
         if self.training and self.centroid_update == "ema":

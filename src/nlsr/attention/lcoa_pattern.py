@@ -16,6 +16,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from nlsr.attention.backends import (
+    ExportedPattern,
+    exported_apply,
+    exported_pattern,
+    exporting,
+)
 from nlsr.attention.buckets import (
     KEY_EPS,
     BucketLayout,
@@ -180,12 +186,14 @@ class BucketPattern:
 @in_float32
 def attention_pattern(
     queries: Tensor, codes: Tensor, chunk_size: int, *, eps: float = KEY_EPS
-) -> BucketPattern:
+) -> BucketPattern | ExportedPattern:
     """Sort, chunk and score once: the merged attention probabilities of every query.
 
     ``queries`` ``[N, L, d]`` (keys are ``normalize(queries)``, eps ``eps``), ``codes`` integer
     ``[N, R, L]``. Gradients reach ``queries`` through every :func:`apply_pattern` of the result.
     """
+    if exporting():
+        return exported_pattern(queries, codes, chunk_size, eps=eps)
     check_inputs(queries, codes)
     layout = bucket_layout(codes, chunk_size)
     probs, lse = _PatternProbabilities.apply(queries, layout, eps)
@@ -193,11 +201,14 @@ def attention_pattern(
 
 
 @in_float32
-def apply_pattern(pattern: BucketPattern, values: Tensor) -> Tensor:
+def apply_pattern(pattern: BucketPattern | ExportedPattern, values: Tensor) -> Tensor:
     """Attend ``values`` ``[N, L, C]`` with a computed pattern: ``[N, L, C]``, rounds merged.
 
-    Used directly for the pattern's own layer and, in LCoAN, for later layers' values.
+    Used directly for the pattern's own layer and, in LCoAN, for later layers' values; while
+    exporting the pattern is an :class:`~nlsr.attention.backends.ExportedPattern`.
     """
+    if isinstance(pattern, ExportedPattern):
+        return exported_apply(pattern, values)
     n, length = pattern.batch, pattern.length
     if values.dim() != 3 or values.shape[:2] != (n, length):
         raise ValueError(

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from nlsr.attention.backends import exporting
 from nlsr.attention.precision import in_float32
 from nlsr.attention.registry import register_attention
 
@@ -253,6 +254,9 @@ def attend_blocked(
 ) -> Tensor:
     """``normalise(query @ key^T) @ value`` for ``(N, L, d)``, ``(N, L, d)``, ``(N, L, C)``,
     computed ``block_size`` query rows at a time (automatic when None), differentiable."""
+    if exporting():  # traceable: all rows at once, no autograd function (docs/deploy.md)
+        weights = normaliser.forward(torch.matmul(query, key.transpose(1, 2)))[0]
+        return torch.matmul(weights, value)
     block = auto_block_size(query.shape[0], key.shape[1], block_size)
     return _BlockedAttention.apply(query, key, value, normaliser, block)
 

@@ -192,43 +192,64 @@ def network_channels(name: str, scale: int = 2) -> int:
     raise BenchError(f"--input network: {NETWORKS[name][0]} holds no {kind.__name__}")
 
 
-def capture(network: nn.Module, kind: type, images: Tensor, index: int = 0) -> Tensor:
-    """The input of the ``index``-th call (0: the first, in forward order) of a ``kind`` module
-    inside ``network`` run on ``images`` without gradients; the network stops there. Calls
-    through ``forward_shared`` (LCoAN's pattern-sharing blocks, which skip hooks) count too."""
-    seen: list[Tensor] = []
+@contextmanager
+def _calls(
+    network: nn.Module, kind: type, seen: list[tuple[nn.Module, Tensor]], last: int | None = None
+) -> Iterator[None]:
+    """Hooks that append every call of a ``kind`` module inside ``network`` to ``seen`` (the
+    module and its input), in forward order, and raise :class:`_Captured` once call ``last``
+    is taken; calls through ``forward_shared`` (LCoAN's pattern-sharing blocks, which skip
+    hooks) count too."""
 
-    def hook(_module: object, args: tuple[Any, ...]) -> None:
-        seen.append(args[0])
-        if len(seen) > index:
+    def record(module: nn.Module, x: Tensor) -> None:
+        seen.append((module, x))
+        if last is not None and len(seen) > last:
             raise _Captured
 
-    def shared(method: Any) -> Any:
+    def shared(module: nn.Module, method: Any) -> Any:
         def counted(*args: Any, **kwargs: Any) -> Any:
-            hook(None, args)
+            record(module, args[0])
             return method(*args, **kwargs)
 
         return counted
 
     modules = [m for m in network.modules() if isinstance(m, kind)]
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    handles = [m.register_forward_pre_hook(lambda m, args: record(m, args[0])) for m in modules]
     patched = [m for m in modules if hasattr(m, "forward_shared")]
     for m in patched:
-        m.forward_shared = shared(m.forward_shared)
+        m.forward_shared = shared(m, m.forward_shared)
     try:
-        with torch.no_grad():
-            network(images)
-    except _Captured:
-        return seen[index].detach().clone()
+        yield
     finally:
         for handle in handles:
             handle.remove()
         for m in patched:
             del m.forward_shared
+
+
+def capture(network: nn.Module, kind: type, images: Tensor, index: int = 0) -> Tensor:
+    """The input of the ``index``-th call (0: the first, in forward order) of a ``kind`` module
+    inside ``network`` run on ``images`` without gradients; the network stops there. Calls
+    through ``forward_shared`` (LCoAN's pattern-sharing blocks, which skip hooks) count too."""
+    seen: list[tuple[nn.Module, Tensor]] = []
+    try:
+        with _calls(network, kind, seen, last=index), torch.no_grad():
+            network(images)
+    except _Captured:
+        return seen[index][1].detach().clone()
     raise BenchError(
         f"--input-block {index}: {type(network).__name__} calls {kind.__name__} "
         f"{len(seen)} times on this input (0 .. {len(seen) - 1})"
     )
+
+
+def capture_all(network: nn.Module, kind: type, images: Tensor) -> list[tuple[nn.Module, Tensor]]:
+    """Every call of a ``kind`` module inside ``network`` run on ``images`` without gradients,
+    in forward order: the module and (a copy of) its input, counted as :func:`capture` does."""
+    seen: list[tuple[nn.Module, Tensor]] = []
+    with _calls(network, kind, seen), torch.no_grad():
+        network(images)
+    return [(module, x.detach().clone()) for module, x in seen]
 
 
 def network_features(

@@ -5,20 +5,32 @@ are processed, and the exit status is 1 if anything failed. Outputs are written 
 an interrupted or failed image never leaves a partial file, and a batch can be run again:
 ``--skip-existing`` keeps the outputs already written, outputs of earlier runs lying in the
 input tree are never taken as inputs, and the temporary files of a killed run are removed.
+Under torchrun each process upscales its share of the inputs (docs/deploy.md). Which files are
+read and written is decided in :mod:`nlsr.cli.upscale_plan`.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import os
+import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from nlsr.cli import add_seed_option, describe_error, print_load_notes
+from nlsr.cli import EXIT_FAILED, add_seed_option, describe_error, print_load_notes
+from nlsr.cli.upscale_plan import (
+    OUTPUT_EXTENSIONS,
+    OUTPUT_RULE,
+    Job,
+    check_quality,
+    plan,
+    shard,
+)
+from nlsr.inference import PRECISIONS
 
 #: Model used when neither --model nor --weights is given and nlsr ships no pretrained model
 #: for the scale (otherwise the best shipped one, ``nlsr.models.pretrained.default_model``).
@@ -29,18 +41,9 @@ DEFAULT_SCALE = 2
 #: stays bounded whatever the image size (--tile 0 forces the whole image).
 AUTO_TILE_PIXELS = 1024 * 1024
 AUTO_TILE = 512
-#: Image extensions nlsr does not write: ``-o photo.gif`` is an error, not a folder name.
-OTHER_IMAGE_EXTENSIONS = (
-    ".gif", ".apng", ".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".jfif", ".ico",
-    ".icns", ".psd", ".svg", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".pcx", ".dds", ".exr",
-    ".hdr", ".qoi", ".raw", ".dng", ".cr2", ".nef", ".arw", ".pdf", ".eps",
-)  # fmt: skip
-
-_GLOB_CHARS = frozenset("*?[")
-_OUTPUT_RULE = (
-    "-o is a file when the input is one file and -o ends in an image extension nlsr writes; "
-    "otherwise a folder (end it with / to make that explicit)"
-)
+#: Under torchrun, how long the ranks that finished wait for the slowest one at the summary
+#: (PyTorch's 30-minute default is too short for the uneven shares of a large batch).
+RANK_TIMEOUT = timedelta(days=7)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,9 +52,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "upscale",
         help="super-resolve images",
         description="Super-resolve image files, folders (searched recursively) or glob "
-        f"patterns. {_OUTPUT_RULE}; in a folder the inputs' "
+        f"patterns. {OUTPUT_RULE}; in a folder the inputs' "
         "relative paths are mirrored. Files inside the output folder, and files that are the "
-        "output of another input (-o INPUT --suffix _x2), are not inputs.",
+        "output of another input (-o INPUT --suffix _x2), are not inputs. Under torchrun the "
+        "inputs are shared out between the processes.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob")
     p.add_argument(
@@ -78,14 +82,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         f"{AUTO_TILE_PIXELS // 2**20} MP, else the whole image; 0: always the whole image)",
     )
     p.add_argument("--overlap", type=int, default=16, help="tile overlap in pixels (default 16)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:N or mps (default: the best available; under torchrun the GPU of "
+        "LOCAL_RANK, else the CPU)",
+    )
     p.add_argument("--self-ensemble", action="store_true", help="average the x8 flips/rotations")
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="bf16: bfloat16 autocast for the convolutions (faster on CUDA and on CPUs with "
-        "native bf16; about a grey level from fp32); attention stays float32 (default fp32)",
+        choices=PRECISIONS,
+        default="auto",
+        help="bf16 (about a grey level from fp32) / fp16 (CUDA only): half-precision autocast "
+        "for the convolutions, attention stays float32; fp32 throughout; auto: bf16 where the "
+        "device computes it natively and the model allows it, else fp32 (default auto)",
+    )
+    p.add_argument(
+        "--outscale",
+        type=float,
+        metavar="F",
+        help="output scale, any positive number: the model's scale, then MATLAB bicubic to "
+        "round(F x input size), halves up (default: the model's scale)",
+    )
+    p.add_argument(
+        "--ext",
+        choices=tuple(OUTPUT_EXTENSIONS),
+        help="output format (default: the input's; with -o FILE, its extension)",
+    )
+    p.add_argument(
+        "--quality",
+        type=int,
+        metavar="Q",
+        help="JPEG / WebP quality, 1-100 (default: JPEG 95, WebP lossless)",
     )
     p.add_argument("--chop", action="store_true", help="the authors' quadrant chop (reproduction)")
     add_seed_option(p)
@@ -107,33 +134,137 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-@dataclass(frozen=True)
-class _Job:
-    source: Path
-    target: Path
-
-
 @dataclass
 class _Tally:
+    """What one process did: files done, skipped and failed, output megapixels, seconds."""
+
     ok: int = 0
     skipped: int = 0
     failed: int = 0
     megapixels: float = 0.0
+    seconds: float = 0.0
 
 
 def run(args: argparse.Namespace) -> int:
-    """Upscale every input; 0 if all succeeded (or were skipped), 1 if any failed.
+    """Upscale every input; 0 if all succeeded (or were skipped), 1 if any failed. Under
+    torchrun every process takes its share of the inputs (:func:`_run_ranks`).
 
     Unusable options raise ValueError (exit status 2, one line, from :func:`nlsr.cli.main`)."""
+    from nlsr.distributed import launched
+
     _check_options(args)
     max_pixels = _max_pixels(args)
-    jobs, failures = _plan(args.inputs, args.output, args.suffix)
-    model, device = _load_model(args)
+    if launched():
+        return _run_ranks(args, max_pixels)
+    from nlsr.inference import select_device
+
+    jobs, failures = plan(args.inputs, args.output, args.suffix, args.ext)
+    check_quality(jobs, args.quality)
+    model, device = _load_model(args, select_device(args.device))
     _remove_stale_temporaries(jobs)
+    tally = _upscale_all(jobs, failures, args, model, device, max_pixels, sys.stderr.isatty())
+    _summary(tally)
+    return 1 if tally.failed else 0
+
+
+def _run_ranks(args: argparse.Namespace, max_pixels: int | None) -> int:
+    """One torchrun process: join the process group (Gloo: it only carries a few small
+    objects), do this rank's share (:func:`_run_rank`) and leave."""
+    from nlsr import distributed as D
+
+    info = D.setup(partial(_rank_device, args.device), backend="gloo", timeout=RANK_TIMEOUT)
+    try:
+        status, error = _run_rank(args, max_pixels, info)
+    except BaseException:
+        D.teardown(info, wait=False)  # torchrun stops the other ranks
+        raise
+    D.teardown(info)
+    if error is not None:
+        raise error
+    return status
+
+
+def _run_rank(
+    args: argparse.Namespace, max_pixels: int | None, info: Any
+) -> tuple[int, Exception | None]:
+    """Plan every input (as every rank does), upscale every ``world_size``-th of them (sorted)
+    and gather the tallies on rank 0, which prints the inputs that could not be planned and
+    the summary. (exit status, error to raise): 1 on every rank if any file failed anywhere."""
+    from nlsr import distributed as D
+
+    try:
+        jobs, failures = plan(args.inputs, args.output, args.suffix, args.ext)
+        check_quality(jobs, args.quality)
+        model, device = _load_model(args, info.device, announce=info.is_main)
+        error = None
+    except Exception as e:  # every rank hears of it below, so none waits for this one
+        error = e
+    problems = D.gather(None if error is None else describe_error(error), info)
+    if any(problems):
+        return _rank_problem(problems, error, info.rank)
+    if info.is_main:
+        _remove_stale_temporaries(jobs)
+    D.barrier(info)  # no rank writes before the stale temporaries are gone
+    mine = shard(jobs, info.rank, info.world_size)
+    failures = failures if info.is_main else []
+    tally = _upscale_all(mine, failures, args, model, device, max_pixels, False)
+    tallies = D.gather(tally, info)
+    if info.is_main:
+        for rank, each in enumerate(tallies):
+            _summary(each, f"rank {rank}: ")
+        total = _Tally(
+            ok=sum(t.ok for t in tallies),
+            skipped=sum(t.skipped for t in tallies),
+            failed=sum(t.failed for t in tallies),
+            megapixels=sum(t.megapixels for t in tallies),
+            seconds=max(t.seconds for t in tallies),
+        )
+        _summary(total, f"all {info.world_size} processes: ")
+    return (1 if any(t.failed for t in tallies) else 0), None
+
+
+def _rank_problem(
+    problems: list[Any], error: Exception | None, rank: int
+) -> tuple[int, Exception | None]:
+    """Some rank could not start. Each rank with an error of its own raises it (rank 0 always,
+    the others when it differs from rank 0's, so that a bad option is printed once); rank 0
+    without one names the first rank that failed; the others exit with that error's status."""
+    if error is not None and (rank == 0 or problems[rank] != problems[0]):
+        return EXIT_FAILED, error
+    if rank == 0:
+        first = next(r for r, problem in enumerate(problems) if problem)
+        return EXIT_FAILED, RuntimeError(f"rank {first} could not start: {problems[first][1]}")
+    return (problems[rank][0] if problems[rank] else EXIT_FAILED), None
+
+
+def _rank_device(name: str | None, local_rank: int) -> Any:
+    """The device of torchrun process ``local_rank``: --device, a bare ``cuda`` (or, by
+    default, CUDA when present) as ``cuda:LOCAL_RANK`` modulo the GPUs; else the CPU."""
+    import torch
+
+    from nlsr.inference import select_device
+
+    if name is None or name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = select_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+def _upscale_all(
+    jobs: list[Job],
+    failures: list[tuple[str, str]],
+    args: argparse.Namespace,
+    model: Any,
+    device: Any,
+    max_pixels: int | None,
+    progress: bool,
+) -> _Tally:
+    """Report ``failures``, then upscale ``jobs`` one by one, going on past bad files."""
     from tqdm.auto import tqdm
 
     tally = _Tally(failed=len(failures))
-    progress = sys.stderr.isatty()
     bar = tqdm(
         total=len(jobs), unit="file", desc="nlsr upscale", disable=not progress, dynamic_ncols=True
     )
@@ -148,15 +279,16 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{tally.megapixels:.1f} MP out, {tally.failed} failed")
     except KeyboardInterrupt:
         bar.close()
-        _summary(tally, time.perf_counter() - start, "interrupted: ")
+        tally.seconds = time.perf_counter() - start
+        _summary(tally, "interrupted: ")
         raise
     bar.close()
-    _summary(tally, time.perf_counter() - start)
-    return 1 if tally.failed else 0
+    tally.seconds = time.perf_counter() - start
+    return tally
 
 
 def _process(
-    job: _Job,
+    job: Job,
     args: argparse.Namespace,
     model: Any,
     device: Any,
@@ -196,8 +328,10 @@ def _process(
             precision=args.precision,
             seed=args.seed,
         )
+        if args.outscale is not None:
+            result = _rescale(result, image, args.outscale)
         job.target.parent.mkdir(parents=True, exist_ok=True)
-        write_image(job.target, result, overwrite=args.overwrite)
+        write_image(job.target, result, overwrite=args.overwrite, quality=args.quality)
     except MemoryError:
         out.error(job.source, "out of memory; try --tile 256")
         tally.failed += 1
@@ -216,11 +350,22 @@ def _process(
     out.line(f"{job.source} -> {job.target} ({size}, {seconds:.2f} s)")
 
 
-def _summary(tally: _Tally, seconds: float, prefix: str = "") -> None:
+def _rescale(result: Any, image: Any, outscale: float) -> Any:
+    """--outscale: the model's output (an Image) resized to ``outscale`` x the input's size."""
+    from nlsr.resize import rescale_output
+
+    shape = (image.height, image.width)
+    alpha = None if result.alpha is None else rescale_output(result.alpha, shape, outscale)
+    return replace(result, pixels=rescale_output(result.pixels, shape, outscale), alpha=alpha)
+
+
+def _summary(tally: _Tally, prefix: str = "") -> None:
+    seconds = tally.seconds
     rate = tally.megapixels / seconds if seconds > 0 else 0.0
     print(
         f"{prefix}{tally.ok} ok, {tally.failed} failed, {tally.skipped} skipped in "
-        f"{seconds:.2f} s ({tally.megapixels:.2f} output megapixels, {rate:.2f} MP/s)"
+        f"{seconds:.2f} s ({tally.megapixels:.2f} output megapixels, {rate:.2f} MP/s)",
+        flush=True,
     )
 
 
@@ -259,6 +404,10 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
     if any(sep in args.suffix for sep in ("/", "\\")):
         raise ValueError(f"--suffix {args.suffix!r}: must not contain a path separator")
+    if args.outscale is not None and not (math.isfinite(args.outscale) and args.outscale > 0):
+        raise ValueError(f"--outscale must be a positive number, got {args.outscale}")
+    if args.quality is not None and not 1 <= args.quality <= 100:
+        raise ValueError(f"--quality must be from 1 to 100, got {args.quality}")
 
 
 def _max_pixels(args: argparse.Namespace) -> int | None:
@@ -280,26 +429,27 @@ def _tile_for(args: argparse.Namespace, pixels: int) -> int | None:
     return max(AUTO_TILE, 4 * args.overlap)  # tiles well wider than their overlap
 
 
-def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(the model's descriptor, its module put in eval mode on the device, and that
-    torch.device); torch is imported only here."""
-    from nlsr.inference import select_device
+def _load_model(args: argparse.Namespace, device: Any, *, announce: bool = True) -> tuple[Any, Any]:
+    """(the model's descriptor, its module put in eval mode on ``device``) and that device;
+    ``announce``: say which model and what loading noted (rank 0 alone under torchrun)."""
+    from nlsr.inference import resolve_precision
     from nlsr.models.resolve import resolve_model
 
-    device = select_device(args.device)
     if args.weights is not None:
         model = resolve_model(args.weights, args.scale)
-        print_load_notes(args.weights, model)
+        if announce:
+            print_load_notes(args.weights, model)
     else:
         scale = args.scale or DEFAULT_SCALE
-        name = _model_name(args.model, scale)
+        name = _model_name(args.model, scale, announce)
         # The fallback needs no weights; any other name means shipped weights.
         model = resolve_model(name, scale, pretrained=name != DEFAULT_MODEL)
     model.module.eval().to(device)
+    resolve_precision(model, args.precision, device)  # fp16 off CUDA: one error, not one per file
     return model, device
 
 
-def _model_name(name: str | None, scale: int) -> str:
+def _model_name(name: str | None, scale: int, announce: bool = True) -> str:
     """--model, checked (ValueError naming what is available), or the default: the best
     shipped model for ``scale``, else :data:`DEFAULT_MODEL`; says which one it picked."""
     from nlsr.models.pretrained import available_pretrained, default_model
@@ -308,9 +458,11 @@ def _model_name(name: str | None, scale: int) -> str:
     if name is None:
         name = default_model(scale)
         if name is None:
-            print(f"model: {DEFAULT_MODEL} (no pretrained model is shipped for x{scale})")
+            if announce:
+                print(f"model: {DEFAULT_MODEL} (no pretrained model is shipped for x{scale})")
             return DEFAULT_MODEL
-        print(f"model: {name} x{scale} (shipped pretrained weights)")
+        if announce:
+            print(f"model: {name} x{scale} (shipped pretrained weights)")
         return name
     shipped = available_pretrained()
     if name in shipped or name == DEFAULT_MODEL:
@@ -327,144 +479,7 @@ def _model_name(name: str | None, scale: int) -> str:
     return name
 
 
-def _output_is_file(output: str, single_file: bool, found: int) -> bool:
-    """Whether -o names a file (see ``_OUTPUT_RULE``); ValueError when it cannot be used."""
-    from nlsr.io import IMAGE_EXTENSIONS
-
-    path = Path(output)
-    ext = path.suffix.lower()
-    if output.endswith(("/", os.sep)) or path.is_dir():
-        return False
-    if ext in OTHER_IMAGE_EXTENSIONS:
-        raise ValueError(
-            f"-o {output}: nlsr cannot write {ext} images; use one of "
-            f"{', '.join(IMAGE_EXTENSIONS)} (or end -o with / for a folder)"
-        )
-    if ext in IMAGE_EXTENSIONS:
-        if not single_file:
-            raise ValueError(
-                f"-o {output}: names an image file, but the inputs are not one file "
-                f"({found} images found); give a folder"
-            )
-        return True
-    if path.exists():
-        raise ValueError(f"-o {output}: is a file; give a folder ({_OUTPUT_RULE})")
-    return False
-
-
-def _plan(
-    specs: list[str], output_text: str, suffix: str
-) -> tuple[list[_Job], list[tuple[str, str]]]:
-    """Resolve inputs to (source, target) jobs, plus (input, reason) for inputs that failed.
-
-    Folders are walked recursively (a folder that cannot be read is a failure); files inside
-    the output folder (when it lies inside an input folder or below a glob's fixed part) and
-    files that are the output of another input are not inputs: they come from earlier runs."""
-    from nlsr.io import IMAGE_EXTENSIONS
-
-    output = Path(output_text)
-    out_key = output.resolve()
-    found: list[tuple[Path, Path]] = []  # (file, path relative to its input root)
-    failures: list[tuple[str, str]] = []
-    single_file = len(specs) == 1 and Path(specs[0]).is_file()
-    for spec in specs:
-        p = Path(spec)
-        if p.is_dir():
-            skip = out_key if _strictly_inside(out_key, p.resolve()) else None
-            files, errors = _walk(p, skip, IMAGE_EXTENSIONS)
-            found += [(f, f.relative_to(p)) for f in files]
-            failures += errors
-            if not files and not errors:
-                failures.append((spec, "folder holds no images"))
-        elif p.is_file():
-            found.append((p, Path(p.name)))
-        elif _GLOB_CHARS & set(spec):
-            base = _glob_base(spec)
-            inside = _strictly_inside(out_key, base.resolve())
-            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
-            files = [
-                m
-                for m in matches
-                if _is_image(m, IMAGE_EXTENSIONS)
-                and not (inside and _strictly_inside(m.resolve(), out_key))
-            ]
-            found += [(f, f.relative_to(base)) for f in files]
-            if not files:
-                failures.append((spec, "pattern matches no images"))
-        else:
-            failures.append((spec, "no such file or folder"))
-
-    to_file = _output_is_file(output_text, single_file, len(found))
-    planned: list[tuple[Path, Path, Path]] = []  # (source, its resolved path, target)
-    seen: set[Path] = set()
-    for source, rel in found:
-        key = source.resolve()
-        if key in seen:
-            continue
-        seen.add(key)
-        if to_file:
-            target = output
-        else:
-            ext = rel.suffix if rel.suffix.lower() in IMAGE_EXTENSIONS else ".png"
-            target = output / rel.parent / f"{rel.stem}{suffix}{ext}"
-        planned.append((source, key, target))
-    targets = {target.resolve() for _, _, target in planned}
-    jobs: list[_Job] = []
-    claimed: dict[Path, Path] = {}
-    for source, key, target in planned:
-        resolved = target.resolve()
-        if resolved == key:
-            reason = f"output {target} would replace the input; choose another -o or --suffix"
-            failures.append((str(source), reason))
-            continue
-        if key in targets:
-            continue  # the output of another input (an earlier run): not an input
-        if resolved in claimed:
-            failures.append(
-                (str(source), f"output {target} is also the output of {claimed[resolved]}")
-            )
-            continue
-        claimed[resolved] = source
-        jobs.append(_Job(source, target))
-    return jobs, failures
-
-
-def _walk(
-    root: Path, skip: Path | None, extensions: tuple[str, ...]
-) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Image files below ``root`` (sorted; following links, each folder once), and a failure
-    for every folder that cannot be read; the folder ``skip`` (resolved) is left out."""
-    files: list[Path] = []
-    errors: list[tuple[str, str]] = []
-
-    def unreadable(err: OSError) -> None:
-        where = os.fsdecode(err.filename) if err.filename is not None else str(root)
-        errors.append((where, f"cannot read the folder ({err.strerror or err})"))
-
-    visited: set[tuple[int, int]] = set()
-    for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
-        here = Path(folder)
-        try:
-            st = here.stat()
-        except OSError as err:
-            unreadable(err)
-            dirs[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in visited:  # a link back up the tree
-            dirs[:] = []
-            continue
-        visited.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if skip is None or (here / d).resolve() != skip)
-        files += [here / n for n in names if _is_image(here / n, extensions)]
-    return sorted(files), errors
-
-
-def _strictly_inside(path: Path, folder: Path) -> bool:
-    """``path`` lies below ``folder`` (both resolved), not equal to it."""
-    return path != folder and path.is_relative_to(folder)
-
-
-def _remove_stale_temporaries(jobs: list[_Job]) -> None:
+def _remove_stale_temporaries(jobs: list[Job]) -> None:
     """Remove the temporary files a killed run left in the output folders (nlsr's own, whose
     writer is gone); say how many."""
     from nlsr.atomic import remove_stale_temporaries
@@ -473,18 +488,3 @@ def _remove_stale_temporaries(jobs: list[_Job]) -> None:
         removed = remove_stale_temporaries(folder)
         if removed:
             print(f"{folder}: removed {len(removed)} temporary file(s) left by an interrupted run")
-
-
-def _is_image(path: Path, extensions: tuple[str, ...]) -> bool:
-    return path.suffix.lower() in extensions and path.is_file() and not path.name.startswith(".")
-
-
-def _glob_base(pattern: str) -> Path:
-    """The leading folders of a glob pattern that hold no wildcard (relative paths mirror below)."""
-    parts = Path(pattern).parts
-    base = []
-    for part in parts[:-1]:
-        if _GLOB_CHARS & set(part):
-            break
-        base.append(part)
-    return Path(*base) if base else Path()

@@ -89,9 +89,12 @@ def _pillow_array(im: PILImage.Image) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def encode_pillow(a: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None) -> bytes:
+def encode_pillow(
+    a: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None, quality: int | None = None
+) -> bytes:
     """HxWxC -> 8-bit PNG, JPEG, BMP or WebP bytes, with the ICC profile and EXIF block where
-    the format holds them; 16-bit data is rounded to 8 bits; alpha in JPEG or BMP is an error."""
+    the format holds them; 16-bit data is rounded to 8 bits; alpha in JPEG or BMP is an error.
+    ``quality`` (JPEG, WebP): None is JPEG quality 95 and lossless WebP."""
     channels = a.shape[2]
     if fmt in ("JPEG", "BMP") and channels in (2, 4):
         raise CodecError(f"{fmt} cannot store an alpha channel; write .png, .tif or .webp instead")
@@ -99,11 +102,11 @@ def encode_pillow(a: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None
     if fmt == "PNG":
         options = {"compress_level": ZLIB_LEVEL}
     elif fmt == "JPEG":
-        options = {"quality": 95, "subsampling": 0}
+        options = {"quality": 95 if quality is None else quality, "subsampling": 0}
         if exif and len(exif) <= _JPEG_MAX_EXIF:
             options["exif"] = EXIF_PREFIX + exif
     elif fmt == "WEBP":
-        options = {"lossless": True, "exact": True}
+        options = {"lossless": True, "exact": True} if quality is None else {"quality": quality}
     if fmt != "BMP":
         if icc:
             options["icc_profile"] = icc

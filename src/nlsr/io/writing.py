@@ -27,8 +27,16 @@ _FORMAT_BY_EXTENSION = {
 }
 
 
+#: Formats ``quality`` applies to.
+QUALITY_FORMATS = ("JPEG", "WEBP")
+
+
 def write_image(
-    path: str | os.PathLike[str], image: Image | np.ndarray, *, overwrite: bool = False
+    path: str | os.PathLike[str],
+    image: Image | np.ndarray,
+    *,
+    overwrite: bool = False,
+    quality: int | None = None,
 ) -> Path:
     """Write ``image`` atomically (temporary file in the same folder, then rename), in the
     format of the extension; refuses to replace an existing file unless ``overwrite``.
@@ -37,10 +45,12 @@ def write_image(
     :class:`Image` with ``grayscale`` is written with one colour channel. 16-bit data stays
     16-bit in PNG and TIFF; JPEG, BMP and WebP hold 8 bits, so it is rounded to
     ``round(v / 257)``. JPEG and BMP cannot store alpha: writing alpha to them is an error.
-    JPEG is written at quality 95 without chroma subsampling, WebP losslessly, PNG and TIFF
-    with zlib level :data:`~nlsr.io.codec.ZLIB_LEVEL`. An :class:`Image`'s ICC profile (when
-    its colour space fits the channels written) and EXIF block go into PNG (iCCP, eXIf), JPEG
-    (APP2, APP1), TIFF (ICC tag, Exif and GPS directories) and WebP; BMP stores neither.
+    JPEG is written at ``quality`` (default 95) without chroma subsampling, WebP losslessly or,
+    with ``quality`` (1-100), lossy at that quality; PNG and TIFF with zlib level
+    :data:`~nlsr.io.codec.ZLIB_LEVEL` (``quality`` is an error for them and BMP). An
+    :class:`Image`'s ICC profile (when its colour space fits the channels written) and EXIF
+    block go into PNG (iCCP, eXIf), JPEG (APP2, APP1), TIFF (ICC tag, Exif and GPS
+    directories) and WebP; BMP stores neither.
     """
     p = Path(path)
     fmt = _FORMAT_BY_EXTENSION.get(p.suffix.lower())
@@ -48,6 +58,13 @@ def write_image(
         raise ImageWriteError(
             f"{p}: unknown image extension {p.suffix!r}; use one of {', '.join(IMAGE_EXTENSIONS)}"
         )
+    if quality is not None:
+        if fmt not in QUALITY_FORMATS:
+            raise ImageWriteError(f"{p}: quality applies to JPEG and WebP only, not {fmt}")
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise ImageWriteError(
+                f"{p}: quality must be a whole number from 1 to 100, got {quality!r}"
+            )
     try:
         a = _channels(image)
     except ValueError as e:
@@ -59,7 +76,7 @@ def write_image(
     if not overwrite and p.exists():
         raise ImageWriteError(f"{p}: {_EXISTS}")
     try:
-        payload = _encode(a, fmt, *_metadata(image, a.shape[2]))
+        payload = _encode(a, fmt, *_metadata(image, a.shape[2]), quality)
     except CodecError as e:
         raise ImageWriteError(f"{p}: {e}") from None
     except (OSError, ValueError) as e:
@@ -95,12 +112,14 @@ def _metadata(image: Image | np.ndarray, channels: int) -> tuple[bytes | None, b
     return icc, upright_exif(image.exif) if image.exif else None
 
 
-def _encode(a: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None) -> bytes:
+def _encode(
+    a: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None, quality: int | None
+) -> bytes:
     if fmt == "PNG" and a.dtype == np.uint16:
         return encode_png16(a, icc, exif)
     if fmt == "TIFF":
         return encode_tiff(a, icc, exif)
-    return encode_pillow(a, fmt, icc, exif)
+    return encode_pillow(a, fmt, icc, exif, quality)
 
 
 _EXISTS = "already exists (pass overwrite=True to replace it)"

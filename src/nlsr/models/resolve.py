@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch import nn
 from nlsr.checkpoint import CheckpointError, read_state_dict, save_state, sha256_of
 from nlsr.models.descriptor import ModelDescriptor, ModelSource, describe_module
 from nlsr.models.loading import load_state
+from nlsr.models.onnx_model import ONNX_SUFFIX, OnnxModel
 from nlsr.models.pretrained import (
     MANIFEST,
     PretrainedError,
@@ -66,6 +67,8 @@ def resolve_model(
       ``scale`` (default 2). With ``pretrained`` (the default) it means shipped weights, for an
       architecture its best shipped model (PretrainedError when there is none); without, a new
       untrained network built with ``options``;
+    - a ``.onnx`` path: a model exported by ``nlsr export``, run by onnxruntime
+      (:class:`~nlsr.models.onnx_model.OnnxModel`);
     - a path (``Path``/``os.PathLike``; a ``str`` is a name) or a state dict: the checkpoint,
       loaded strictly (:mod:`nlsr.models.loading`; ``arch``, ``scale`` and ``options`` override
       what the file says);
@@ -95,6 +98,8 @@ def resolve_model(
                 "weights; build without pretrained=True"
             )
         return _shipped(model, scale, weights_dir)
+    if isinstance(model, os.PathLike) and Path(model).suffix.lower() == ONNX_SUFFIX:
+        return _exported(Path(model), scale, arch, options)
     if isinstance(model, os.PathLike):
         path = Path(model)
         sd, config = read_state_dict(path)
@@ -245,3 +250,24 @@ def _shipped(name: str, scale: int, weights_dir: str | Path | None) -> ModelDesc
     return _remember(
         describe_module(loaded.module, arch=w.arch, options=loaded.options, source=source)
     )
+
+
+def _exported(
+    path: Path, scale: int | None, arch: str | None, options: Mapping[str, Any]
+) -> ModelDescriptor:
+    """The descriptor of the ONNX model at ``path`` (``nlsr export``): its scale and architecture
+    come from the file; ``arch`` and ``scale``, when given, must match them."""
+    if options:
+        raise ValueError(f"{path}: options cannot be changed on an exported ONNX model")
+    module = OnnxModel(path)
+    found_arch = module.metadata.get("arch") or None
+    if arch is not None and arch != found_arch:
+        raise ValueError(f"{path}: holds an exported {found_arch} model, not {arch}")
+    if scale is not None and scale != module.scale:
+        raise ValueError(
+            f"{path}: the exported model upscales x{module.scale}, but scale {scale} was asked "
+            "for: the scale does not match"
+        )
+    source = ModelSource(kind="file", path=path, metadata=dict(module.metadata))
+    found = describe_module(module, arch=found_arch, options=module.options(), source=source)
+    return replace(found, bf16=False)

@@ -364,7 +364,7 @@ class Trainer:
 
     def close(self) -> None:
         """Close the progress bar and the TensorBoard writer, and release DistributedDataParallel
-        while the process group is alive (a Gloo group freed after it can hang in its destructor)."""
+        while the process group is alive (a Gloo group freed later can hang in its destructor)."""
         self.net = self.model
         if self.bar is not None:
             self.bar.close()

@@ -463,3 +463,17 @@ def test_mean_shift_stays_float32_under_autocast() -> None:
     assert y.dtype == torch.float32
     assert torch.equal(y, shift(x))
     assert torch.allclose(y, x + shift.bias.view(1, 3, 1, 1), atol=1e-7, rtol=0)
+
+
+def test_outscale_is_the_model_output_then_matlab_bicubic() -> None:
+    """upscale(outscale=F) equals the x2 output resized with imresize to round(F * side), halves
+    up, for colour and alpha alike; F equal to the model's scale changes nothing."""
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (9, 13, 4), dtype=np.uint8)
+    plain = upscale("bicubic", rgba, scale=2)
+    got = upscale("bicubic", rgba, scale=2, outscale=3.5)
+    assert got.shape == (32, 46, 4)  # 3.5 * 9 = 31.5 -> 32, 3.5 * 13 = 45.5 -> 46
+    for c in range(4):
+        expected = imresize(plain[..., c], output_shape=(32, 46))
+        np.testing.assert_array_equal(got[..., c], expected)
+    np.testing.assert_array_equal(upscale("bicubic", rgba, scale=2, outscale=2.0), plain)

@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "nlsr.data",
         "nlsr.checkpoint",
         "nlsr.padding",
+        "nlsr.tiling",
         "nlsr.distributed",
     ),
     ("nlsr.attention",),

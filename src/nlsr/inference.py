@@ -7,7 +7,6 @@ Tensors are ``(N, 3, H, W)`` float in ``[0, 1]``; :func:`forward` rescales to th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from itertools import count, product
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from nlsr.io import Image
 from nlsr.models.descriptor import ModelDescriptor
 from nlsr.models.resolve import resolve_model
+from nlsr.tiling import ramp_weights, tile_count, tile_starts
 
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
@@ -213,7 +213,7 @@ def forward(
                 return plain(x)
 
             if tile is not None:
-                rows, cols = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+                rows, cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
                 with _Bar(len(rows) * len(cols), progress, "tiles", on_progress) as bar:
                     return _forward_tiles(run, lr, scale, tile, overlap, variants, bar)
             pieces = _chop_leaves(h, w, chop_shave, min_size) if chop else 1
@@ -330,11 +330,6 @@ class _Bar(tqdm):
         return super().update(n)
 
 
-def tile_count(height: int, width: int, tile: int, overlap: int = 16) -> int:
-    """How many tiles :func:`forward` runs an ``height`` x ``width`` input in with ``tile``."""
-    return len(_tile_starts(height, tile, overlap)) * len(_tile_starts(width, tile, overlap))
-
-
 def _transform(x: torch.Tensor, k: int) -> torch.Tensor:
     """Self-ensemble variant k (bit 0: flip W, bit 1: flip H, bit 2: transpose)."""
     if k & 1:
@@ -421,36 +416,6 @@ def _forward_chop(
 # tiles
 
 
-def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles covering ``length`` with at least ``overlap`` shared pixels between
-    neighbours, spread evenly so that the first starts at 0 and the last ends at ``length``."""
-    if length <= tile:
-        return [0]
-    n = math.ceil((length - overlap) / (tile - overlap))
-    return [i * (length - tile) // (n - 1) for i in range(n)]
-
-
-def _ramp_weights(starts: list[int], size: int, length: int, ramp: int) -> list[torch.Tensor]:
-    """Per-tile 1-D weights along one axis (output pixels), normalised to sum to 1 everywhere.
-
-    Each tile's weight falls off smoothly (raised cosine over ``ramp`` pixels) towards every edge
-    that lies inside the image; the 2-D weight of a tile is the outer product of its row and
-    column weights, so the 2-D normaliser is the product of the 1-D ones."""
-    d = torch.arange(size, dtype=torch.float64)
-    fade = 0.5 - 0.5 * torch.cos(math.pi * ((d + 0.5) / ramp).clamp(max=1.0)) if ramp else None
-    weights = []
-    total = torch.zeros(length, dtype=torch.float64)
-    for s in starts:
-        wgt = torch.ones(size, dtype=torch.float64)
-        if fade is not None and s > 0:
-            wgt = wgt * fade
-        if fade is not None and s + size < length:
-            wgt = wgt * fade.flip(0)
-        total[s : s + size] += wgt
-        weights.append(wgt)
-    return [(wgt / total[s : s + size]).float() for s, wgt in zip(starts, weights, strict=True)]
-
-
 def _forward_tiles(
     run: Callable[[torch.Tensor], torch.Tensor],
     lr: torch.Tensor,
@@ -464,9 +429,9 @@ def _forward_tiles(
     added into the output on ``lr``'s device (no full-size weight map is kept)."""
     n, _, h, w = lr.shape
     th, tw = min(tile, h), min(tile, w)
-    rows, cols = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
-    wy = _ramp_weights([scale * r for r in rows], scale * th, scale * h, scale * overlap)
-    wx = _ramp_weights([scale * c for c in cols], scale * tw, scale * w, scale * overlap)
+    rows, cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    wy = ramp_weights([scale * r for r in rows], scale * th, scale * h, scale * overlap)
+    wx = ramp_weights([scale * c for c in cols], scale * tw, scale * w, scale * overlap)
     grid = list(product(range(len(rows)), range(len(cols))))
     per_batch = max(1, TILE_BATCH_PIXELS // (th * tw * n))
     out: torch.Tensor | None = None
@@ -514,6 +479,7 @@ def upscale(
     precision: str = "auto",
     seed: int | None = DEFAULT_SEED,
     on_progress: Callable[[int, int], None] | None = None,
+    outscale: float | None = None,
 ) -> np.ndarray | Image:
     """Super-resolve an image array (HxW, HxWx1 grey; HxWx2 grey+alpha; HxWx3; HxWx4 RGBA;
     uint8 or uint16) or an :class:`~nlsr.io.Image`; returns the same kind, layout and dtype.
@@ -525,7 +491,9 @@ def upscale(
     (``nn.Module.to``, in place); otherwise it runs where it is (a model built from a name goes
     to :func:`select_device`). ``seed``: see :func:`forward` (the default gives the same output
     on every run; None draws afresh); ``precision`` and ``on_progress``: see :func:`forward`
-    (default precision "auto": bf16 where native)."""
+    (default precision "auto": bf16 where native). ``outscale``: any positive output scale, the
+    model's scale followed by MATLAB-exact bicubic to ``round(outscale * side)``, halves up
+    (:func:`nlsr.resize.rescale_output`); None keeps the model's scale."""
     described = resolve_model(model, scale, pretrained=False)
     if isinstance(model, str):
         described.module.eval().to(select_device(device))
@@ -557,6 +525,12 @@ def upscale(
         from nlsr.resize import imresize
 
         alpha_up = imresize(alpha, output_shape=colour.shape[:2])
+    if outscale is not None:
+        from nlsr.resize import rescale_output
+
+        colour = rescale_output(colour, pixels.shape[:2], outscale)
+        if alpha_up is not None:
+            alpha_up = rescale_output(alpha_up, pixels.shape[:2], outscale)
     if isinstance(image, Image):
         # The colour profile and EXIF metadata go on to the output (written where formats allow).
         return Image(

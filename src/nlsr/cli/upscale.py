@@ -15,7 +15,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -327,9 +327,8 @@ def _process(
             progress=progress,
             precision=args.precision,
             seed=args.seed,
+            outscale=args.outscale,
         )
-        if args.outscale is not None:
-            result = _rescale(result, image, args.outscale)
         job.target.parent.mkdir(parents=True, exist_ok=True)
         write_image(job.target, result, overwrite=args.overwrite, quality=args.quality)
     except MemoryError:
@@ -348,15 +347,6 @@ def _process(
     tally.megapixels += result.width * result.height / 1e6
     size = f"{image.width}x{image.height} -> {result.width}x{result.height}"
     out.line(f"{job.source} -> {job.target} ({size}, {seconds:.2f} s)")
-
-
-def _rescale(result: Any, image: Any, outscale: float) -> Any:
-    """--outscale: the model's output (an Image) resized to ``outscale`` x the input's size."""
-    from nlsr.resize import rescale_output
-
-    shape = (image.height, image.width)
-    alpha = None if result.alpha is None else rescale_output(result.alpha, shape, outscale)
-    return replace(result, pixels=rescale_output(result.pixels, shape, outscale), alpha=alpha)
 
 
 def _summary(tally: _Tally, prefix: str = "") -> None:

@@ -12,10 +12,12 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from nlsr.models.descriptor import ModelDescriptor
@@ -116,6 +118,25 @@ def add_seed_option(parser: argparse.ArgumentParser) -> None:
         help="seed of the random hash projections of hashing attention (NLSA, GLA, LCoA), "
         "so that results repeat exactly; 'random': a fresh draw every run (default 0)",
     )
+
+
+def check_figure_outputs(output: Path, report: Path | None) -> None:
+    """Before any work: the figure ``-o`` must be a PNG, and it and the ``--json`` report must
+    go into folders that exist."""
+    if output.suffix.lower() != ".png":
+        raise ValueError(f"-o {output}: the figure is a PNG; give a .png file name")
+    for path, option in ((output, "-o"), (report, "--json")):
+        if path is not None and not path.parent.is_dir():
+            raise ValueError(f"{option} {path}: folder {path.parent} does not exist")
+
+
+def write_json_report(path: Path, payload: dict[str, Any]) -> None:
+    """Write a command's ``--json`` report atomically (strict JSON, no NaN) and say so."""
+    from nlsr.atomic import atomic_write
+
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    atomic_write(path, text.encode("utf-8"))
+    print(f"wrote {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,14 +7,12 @@ every image with, so they equal that image's line of ``nlsr eval --json``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nlsr.atomic import atomic_write
-from nlsr.cli import add_seed_option, print_load_notes
+from nlsr.cli import add_seed_option, check_figure_outputs, print_load_notes, write_json_report
 
 #: Side of the default box, HR pixels (smaller images: a quarter of their shorter side).
 BOX = 96
@@ -103,11 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from nlsr.evaluation import lr_image, score_image
     from nlsr.figures import compare_figure, save_png
 
-    if args.output.suffix.lower() != ".png":
-        raise ValueError(f"-o {args.output}: the figure is a PNG; give a .png file name")
-    for path, option in ((args.output, "-o"), (args.json, "--json")):
-        if path is not None and not path.parent.is_dir():
-            raise ValueError(f"{option} {path}: folder {path.parent} does not exist")
+    check_figure_outputs(args.output, args.json)
     if args.scale < 1:
         raise ValueError(f"--scale must be a positive integer, got {args.scale}")
     names = [t.strip() for t in args.models.split(",") if t.strip()]
@@ -147,7 +141,5 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "models": scores,
         }
-        text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-        atomic_write(args.json, text.encode("utf-8"))
-        print(f"wrote {args.json}")
+        write_json_report(args.json, payload)
     return 0

@@ -7,13 +7,11 @@ per-image score as JSON (``{"results": [EvalResult.to_dict(), ...]}``), atomical
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from nlsr.atomic import atomic_write
-from nlsr.cli import add_seed_option, print_load_notes
+from nlsr.cli import add_seed_option, print_load_notes, write_json_report
 from nlsr.inference import PRECISIONS
 
 _ROW = "{:<10} {:>5}  {:<8} {:>9} {:>8} {:>7} {:>8}"
@@ -251,6 +249,4 @@ def _evaluate(args: argparse.Namespace) -> None:
             )
             results.append(r.to_dict())
     if args.json is not None:
-        text = json.dumps({"results": results}, indent=2, allow_nan=False) + "\n"
-        atomic_write(args.json, text.encode("utf-8"))
-        print(f"wrote {args.json}")
+        write_json_report(args.json, {"results": results})

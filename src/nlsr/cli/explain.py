@@ -9,12 +9,10 @@ every query, and for hashing blocks how often the top weight goes to a less simi
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from nlsr.atomic import atomic_write
-from nlsr.cli import add_seed_option, print_load_notes
+from nlsr.cli import add_seed_option, check_figure_outputs, print_load_notes, write_json_report
 
 
 def _point(text: str) -> tuple[int, int]:
@@ -89,11 +87,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     """Option rules, checked before any model is loaded."""
-    if args.output.suffix.lower() != ".png":
-        raise ValueError(f"-o {args.output}: the figure is a PNG; give a .png file name")
-    for path, option in ((args.output, "-o"), (args.json, "--json")):
-        if path is not None and not path.parent.is_dir():
-            raise ValueError(f"{option} {path}: folder {path.parent} does not exist")
+    check_figure_outputs(args.output, args.json)
     if args.seed is None:
         raise ValueError("--seed random: explain recomputes the run's draws; give a number")
     if args.data is not None and not args.stats:
@@ -145,11 +139,6 @@ def _read_lr(path: Path) -> Any:
     return pixels, shown
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write(path, (json.dumps(payload, indent=2, allow_nan=False) + "\n").encode("utf-8"))
-    print(f"wrote {path}")
-
-
 def _explain(args: argparse.Namespace, model: Any) -> None:
     from nlsr.explain import explain
     from nlsr.figures import explain_figure, save_png
@@ -166,7 +155,7 @@ def _explain(args: argparse.Namespace, model: Any) -> None:
             "seed": args.seed,
             "blocks": [r.to_dict() for r in result],
         }
-        _write_json(args.json, payload)
+        write_json_report(args.json, payload)
 
 
 def _stats(args: argparse.Namespace, model: Any) -> None:
@@ -204,7 +193,7 @@ def _stats(args: argparse.Namespace, model: Any) -> None:
     save_png(stats_figure(blocks, source), args.output)
     print(f"wrote {args.output}")
     if args.json is not None:
-        _write_json(
+        write_json_report(
             args.json,
             {
                 "model": model.name,
